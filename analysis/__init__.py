@@ -1,0 +1,1 @@
+"""Figures and tables regenerated from MLflow records alone."""

@@ -1,0 +1,1 @@
+"""Training harness: config, data, fit(), tracking and checkpoints shared by run.py, sweeps and benchmarks."""

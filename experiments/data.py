@@ -1,0 +1,619 @@
+"""CIFAR-10/100 loading into uint8 arrays, splits, and a device-resident batch loader.
+
+Sources, tried in order inside ``data_dir``: the official torchvision layout (``cifar-10-batches-py`` /
+``cifar-100-python``); an image-folder tree ``train/<class>/*`` + ``test/<class>/*`` (PNG or JPEG), either
+``data_dir`` itself or a child folder or archive named after the dataset; and finally, with
+``download=True``, torchvision's download. Decoded arrays are cached under a content digest so only the
+first run pays for decoding.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from experiments.errors import DataError, UserError
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+IMAGE_SIZE = 32
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".zip")
+# Bump when the cached arrays' meaning changes (decoder, ordering), so stale caches are never read.
+CACHE_FORMAT = "datasets-v1"
+# Everything tarfile, zipfile and their decompressors raise for a damaged or truncated archive.
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError, zlib.error, EOFError, OSError)
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    images: np.ndarray  # (N, H, W, 3) uint8, NHWC
+    labels: np.ndarray  # (N,) int64
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
+        if self.labels.dtype != np.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(f"labels must be int64 ({len(self.images)},), got {self.labels.dtype} {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    name: str  # "cifar10" | "cifar100"
+    train: ArrayDataset
+    test: ArrayDataset
+    classes: tuple[str, ...]
+    digest: str  # sha256 hex of the source content
+    source: str  # the path the data was read from
+    mean: tuple[float, float, float]  # per-channel mean of the train images in [0, 1]
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_dataset(name: str, data_dir: str | Path, download: bool = False,
+                 cache_dir: str | Path | None = None) -> DatasetBundle:
+    """Find ``name`` ("cifar10" | "cifar100") in ``data_dir`` (see the module docstring), decode it once
+    into the cache (``cache_dir``, default ``$CNN_ZOO_CACHE`` or ``~/.cache/cnn-zoo``) and return it."""
+    if name not in NUM_CLASSES:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(NUM_CLASSES)}")
+    data_dir = Path(data_dir).expanduser()
+    source = _find_source(name, data_dir, download)
+    cache = _cache_root(cache_dir)
+    if isinstance(source, _Official):
+        if download:
+            _download_official(name, source.root)  # torchvision skips it when the files pass their md5 check
+        digest = _digest_official(name, source.folder)
+        decode = partial(_read_official, name, source.root)
+        where = source.folder
+    elif source.is_dir():
+        raws = _read_tree(source)  # the digest needs every byte anyway; keep them for a cache miss
+        digest = _digest_entries((rel, data) for _, _, rel, _, data in raws)
+        decode = partial(_assemble, raws, str(source))
+        where = source
+    else:
+        digest = _digest_file(source)
+        decode = partial(_read_archive, source)
+        where = source
+
+    cached = _cache_read(cache, digest)
+    if cached is None:
+        classes, train, test = decode()
+        _check_classes(name, classes, where)
+        mean, std = _channel_stats(train.images)
+        cached = (classes, train, test, mean, std)
+        _cache_write(cache, digest, name, cached)
+    classes, train, test, mean, std = cached
+    _check_classes(name, classes, where)  # a cache entry can be reached under the other dataset name
+    return DatasetBundle(name=name, train=train, test=test, classes=tuple(classes), digest=digest,
+                         source=str(where), mean=mean, std=std)
+
+
+@dataclass(frozen=True)
+class _Official:
+    root: Path  # the directory torchvision's CIFAR classes take as ``root``
+    folder: Path  # root / cifar-10-batches-py (or cifar-100-python)
+
+
+def _official_names(name: str) -> tuple[str, str]:
+    """(extracted folder, release tarball) of the official python release."""
+    return ("cifar-10-batches-py", "cifar-10-python.tar.gz") if name == "cifar10" else \
+        ("cifar-100-python", "cifar-100-python.tar.gz")
+
+
+def _find_source(name: str, data_dir: Path, download: bool) -> _Official | Path:
+    folder_name, tarball_name = _official_names(name)
+    looked_for = (f"{folder_name}/, train/ + test/ folders, or a folder or "
+                  f"{'/'.join(ARCHIVE_SUFFIXES)} archive named {name}* or {name[:5]}-{name[5:]}*")
+    if not data_dir.exists():
+        if download:
+            return _Official(data_dir, data_dir / folder_name)
+        raise DataError(f"data directory {data_dir} does not exist (looked for {looked_for} in it); "
+                        f"pass --download to fetch {name} there, or --data-dir pointing at your copy")
+    if data_dir.is_file():
+        if _is_archive(data_dir):
+            return data_dir
+        raise DataError(f"--data-dir {data_dir} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive")
+    if data_dir.name == folder_name:  # the user pointed at the official folder itself
+        return _Official(data_dir.parent, data_dir)
+    if (data_dir / folder_name).is_dir():
+        return _Official(data_dir, data_dir / folder_name)
+    if _has_splits(data_dir):
+        return data_dir
+    # Extracted folders before archives (an extracted copy usually sits beside its archive), then by name.
+    candidates = sorted((p for p in data_dir.iterdir() if _matches_name(name, p.name)),
+                        key=lambda p: (not p.is_dir(), p.name))
+    for path in candidates:
+        if path.is_dir():
+            root = _tree_root(path)
+            if root is not None:
+                return root
+        elif _is_archive(path) and path.name != tarball_name:
+            return path
+    if download:
+        return _Official(data_dir, data_dir / folder_name)
+    hint = (f"; {data_dir / tarball_name} is the official release: extract it there (tar -xzf) or pass --download"
+            if (data_dir / tarball_name).is_file() else "")
+    raise DataError(f"no {name} data in {data_dir}: looked for {looked_for}{hint}; "
+                    f"pass --download to fetch the official release, or --data-dir pointing at your copy")
+
+
+def _matches_name(name: str, filename: str) -> bool:
+    lower = filename.lower()
+    spelled = (name, f"{name[:5]}-{name[5:]}")  # cifar10 and cifar-10
+    if name == "cifar10" and lower.startswith(("cifar100", "cifar-100")):
+        return False
+    return lower.startswith(spelled)
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _has_splits(path: Path) -> bool:
+    return all((path / split).is_dir() for split in SPLITS)
+
+
+def _tree_root(path: Path) -> Path | None:
+    """``path`` if it holds train/ and test/, else its single visible subfolder that does."""
+    if _has_splits(path):
+        return path
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return subdirs[0] if len(subdirs) == 1 and _has_splits(subdirs[0]) else None
+
+
+def _image_key(parts: Sequence[str]) -> tuple[str, str] | None:
+    """(split, class) for a path ``split/class/file.png`` relative to the tree root; None for anything else."""
+    if len(parts) != 3 or parts[0] not in SPLITS or any(p.startswith(".") for p in parts):
+        return None
+    return (parts[0], parts[1]) if parts[2].lower().endswith(IMAGE_SUFFIXES) else None
+
+
+# Raw images before decoding: (split, class, relative path, where-for-messages, bytes).
+_Raw = tuple[str, str, str, str, bytes]
+
+
+def _read_tree(root: Path) -> list[_Raw]:
+    """The tree's images, sorted by relative path."""
+    rels = sorted(p.relative_to(root).as_posix() for split in SPLITS for p in (root / split).glob("*/*")
+                  if p.is_file())
+    raws = []
+    for rel in rels:
+        key = _image_key(PurePosixPath(rel).parts)
+        if key is not None:
+            try:
+                raws.append((*key, rel, str(root / rel), (root / rel).read_bytes()))
+            except OSError as e:
+                raise DataError(f"cannot read {root / rel}: {e.strerror}") from None
+    return raws
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile silently ends an archive at a missing, truncated or damaged header; make those errors, so a
+    cut-short download cannot pass for a smaller dataset."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            raise tarfile.ReadError(f"no valid header or end-of-archive marker at byte {tf.offset}: {e}") from None
+
+
+def _open_decompressed(path: Path) -> BinaryIO:
+    """The tar stream inside ``path``, by magic number. gzip/lzma/bz2 file objects, unlike tarfile's own
+    stream decompression, raise on a truncated stream and check the trailing checksum."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(path, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _read_archive(path: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+    """Read every image straight out of the archive; contents may be wrapped in one top-level folder."""
+    raws: list[_Raw] = []
+    wrappers: set[str] = set()
+
+    def add(member: str, read: Callable[[], bytes]) -> None:
+        parts = PurePosixPath(member).parts
+        if parts and parts[0] == "/":
+            parts = parts[1:]
+        wrapper = ""
+        if len(parts) == 4 and parts[1] in SPLITS and not parts[0].startswith((".", "__MACOSX")):
+            wrapper, parts = parts[0], parts[1:]
+        key = _image_key(parts)
+        if key is not None:
+            wrappers.add(wrapper)
+            raws.append((*key, "/".join(parts), f"{member} in archive {path}", read()))
+
+    try:
+        if path.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir():
+                        add(info.filename, lambda: zf.read(info))
+        else:
+            with _open_decompressed(path) as stream:
+                # Stream mode reads the file once, front to back: far faster than random access.
+                with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo) as tf:
+                    for member in tf:
+                        if member.isfile():
+                            add(member.name, lambda: tf.extractfile(member).read())
+                # Read the padding after the end marker too, so the decompressor verifies its checksum.
+                while stream.read(1 << 20):
+                    pass
+    except _ARCHIVE_ERRORS as e:
+        raise DataError(f"archive {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if len(wrappers) > 1:
+        tops = ", ".join(sorted(f"{w}/" if w else "(top level)" for w in wrappers))
+        raise DataError(f"archive {path} holds more than one train/ + test/ tree: {tops}")
+    return _assemble(raws, f"archive {path}")
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            # load() decodes fully, so a truncated file raises here (PIL's LOAD_TRUNCATED_IMAGES is False).
+            im.load()
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise DataError(f"image {where} is {im.size[0]}x{im.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {where}: {e}") from None
+
+
+def _assemble(raws: list[_Raw], where: str) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+    """Decode into per-split arrays ordered by (class, path), so a tree and its archive give equal arrays."""
+    per_split = {split: sorted({cls for s, cls, *_ in raws if s == split}) for split in SPLITS}
+    if not per_split["train"] or not per_split["test"]:
+        raise DataError(f"no PNG or JPEG images under train/<class>/ and test/<class>/ in {where}")
+    if per_split["train"] != per_split["test"]:
+        only = sorted(set(per_split["train"]) ^ set(per_split["test"]))
+        raise DataError(f"train/ and test/ have different class folders in {where}: "
+                        f"{', '.join(only[:5])}{' ...' if len(only) > 5 else ''} only in one")
+    classes = per_split["train"]
+    index = {cls: i for i, cls in enumerate(classes)}
+    datasets = []
+    for split in SPLITS:
+        items = sorted((index[cls], rel, w, data) for s, cls, rel, w, data in raws if s == split)
+        images = np.empty((len(items), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        for i, (_, _, w, data) in enumerate(items):
+            images[i] = _decode(data, w)
+        datasets.append(ArrayDataset(images, np.array([label for label, *_ in items], np.int64)))
+    return classes, datasets[0], datasets[1]
+
+
+def _check_classes(name: str, classes: Sequence[str], where: Path) -> None:
+    if len(classes) != NUM_CLASSES[name]:
+        raise DataError(f"{where} has {len(classes)} classes but {name} has {NUM_CLASSES[name]}; "
+                        f"check --dataset and --data-dir")
+
+
+def _torchvision_class(name: str) -> type[CIFAR10]:
+    return CIFAR10 if name == "cifar10" else CIFAR100
+
+
+def _download_official(name: str, root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _torchvision_class(name)(root, train=True, download=True)
+    except Exception as e:  # URLError, HTTPError, timeouts, checksum RuntimeError, disk errors
+        raise DataError(f"could not download {name} into {root} ({type(e).__name__}: {e}); without internet, "
+                        f"pass --data-dir pointing at a copy (official release or image-folder archive)") from None
+
+
+def _read_official(name: str, root: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+    cls = _torchvision_class(name)
+    try:
+        splits = [cls(root, train=train) for train in (True, False)]
+    except RuntimeError as e:  # torchvision's md5 check failed
+        raise DataError(f"{root / cls.base_folder} is incomplete or corrupt ({e}); delete it and rerun with "
+                        f"--download") from None
+    datasets = [ArrayDataset(np.ascontiguousarray(ds.data, np.uint8), np.asarray(ds.targets, np.int64))
+                for ds in splits]
+    return list(splits[0].classes), datasets[0], datasets[1]
+
+
+# ------------------------------------------------------------------------------------------------ digests
+
+
+def _digest_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def _digest_entries(entries: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 over (name, content) pairs, length-prefixed so no two different listings collide."""
+    h = hashlib.sha256()
+    for name, data in entries:
+        encoded = name.encode()
+        h.update(len(encoded).to_bytes(8, "little") + encoded + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _digest_official(name: str, folder: Path) -> str:
+    cls = _torchvision_class(name)
+    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)}; delete it and rerun with --download")
+    return _digest_entries((n, (folder / n).read_bytes()) for n in names)
+
+
+# -------------------------------------------------------------------------------------------------- cache
+
+_Cached = tuple[list[str], ArrayDataset, ArrayDataset, tuple[float, float, float], tuple[float, float, float]]
+_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get("CNN_ZOO_CACHE") or Path.home() / ".cache" / "cnn-zoo"
+    return Path(cache_dir).expanduser() / CACHE_FORMAT
+
+
+def _cache_read(cache: Path, digest: str) -> _Cached | None:
+    entry = cache / digest
+    if not entry.is_dir():
+        return None
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        arrays = [np.load(entry / f"{a}.npy", mmap_mode=None, allow_pickle=False) for a in _ARRAYS]
+        train, test = ArrayDataset(arrays[0], arrays[1]), ArrayDataset(arrays[2], arrays[3])
+        return list(meta["classes"]), train, test, tuple(meta["mean"]), tuple(meta["std"])
+    except (OSError, ValueError, KeyError) as e:
+        # Entries appear by rename, so this is outside damage: drop the entry and decode again.
+        warnings.warn(f"ignoring damaged dataset cache {entry} ({type(e).__name__}: {e})", stacklevel=3)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _cache_write(cache: Path, digest: str, name: str, cached: _Cached) -> None:
+    """Write into a temporary folder and rename it into place, so readers never see a partial entry."""
+    classes, train, test, mean, std = cached
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=cache))
+    except OSError as e:
+        warnings.warn(f"cannot write the dataset cache in {cache} ({e}); set CNN_ZOO_CACHE to a writable "
+                      f"folder to skip decoding next time", stacklevel=3)
+        return
+    try:
+        for a, array in zip(_ARRAYS, (train.images, train.labels, test.images, test.labels)):
+            np.save(tmp / f"{a}.npy", array, allow_pickle=False)
+        meta = {"name": name, "classes": list(classes), "mean": list(mean), "std": list(std),
+                "train_size": len(train), "test_size": len(test)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, cache / digest)
+    except OSError as e:
+        # Either a concurrent process renamed its identical entry first, or the disk is full.
+        if not (cache / digest).is_dir():
+            warnings.warn(f"cannot write the dataset cache {cache / digest} ({e})", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Exact per-channel mean and (population) std in [0, 1], from 256-bin histograms with integer sums."""
+    values = np.arange(256, dtype=np.int64)
+    n = images.shape[0] * images.shape[1] * images.shape[2]
+    mean, std = [], []
+    for c in range(3):
+        hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.int64)
+        s1, s2 = int(hist @ values), int(hist @ (values * values))
+        mean.append(s1 / n / 255)
+        # A constant channel carries no information; std 1 keeps it finite instead of dividing by zero.
+        std.append(((s2 * n - s1 * s1) ** 0.5) / n / 255 or 1.0)
+    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+
+
+# ---------------------------------------------------------------------------------------- splits, subsets
+
+
+def split_train_val(train: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Hold out ``val_size`` images, stratified by class (largest-remainder rounding of each class's share),
+    chosen by a numpy Generator seeded with ``seed``. Both parts keep dataset order."""
+    n = len(train)
+    if val_size < 0 or val_size >= n:
+        raise DataError(f"val_size must be in [0, {n - 1}] for a training set of {n} images, got {val_size}")
+    if val_size == 0:
+        return train, train.take(np.arange(0, dtype=np.int64))
+    classes, counts = np.unique(train.labels, return_counts=True)
+    # Integer floors of each class's share val_size * count / n; the largest remainders get the leftover
+    # images (the stable sort breaks ties by class index).
+    take, remainders = np.divmod(val_size * counts, n)
+    take[np.argsort(-remainders, kind="stable")[: val_size - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    val_idx = np.concatenate([rng.permutation(np.flatnonzero(train.labels == c))[:k] for c, k in zip(classes, take)])
+    is_val = np.zeros(n, bool)
+    is_val[val_idx] = True
+    return train.take(np.flatnonzero(~is_val)), train.take(np.flatnonzero(is_val))
+
+
+def class_balanced_subset(ds: ArrayDataset, n: int) -> ArrayDataset:
+    """The first ``n // C`` images of each of the C classes in dataset order, one more for each of the first
+    ``n % C`` classes; the result keeps dataset order."""
+    classes = np.unique(ds.labels)
+    if n < 0 or n > len(ds):
+        raise DataError(f"subset size must be in [0, {len(ds)}], got {n}")
+    base, extra = divmod(n, len(classes)) if len(classes) else (0, 0)
+    picked = []
+    for i, c in enumerate(classes):
+        want = base + (i < extra)
+        idx = np.flatnonzero(ds.labels == c)
+        if len(idx) < want:
+            raise DataError(f"a class-balanced subset of {n} needs {want} images of class {c}, which has {len(idx)}")
+        picked.append(idx[:want])
+    return ds.take(np.sort(np.concatenate(picked)) if picked else np.arange(0, dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+
+def augment_batch(x: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flips: torch.Tensor,
+                  padding: int) -> torch.Tensor:
+    """Per-image random crop with zero padding, then horizontal flip, on uint8 NHWC images.
+
+    Image i is ``crop(pad(x[i], padding), top=offsets_y[i], left=offsets_x[i])`` at the original size,
+    mirrored left-right where ``flips[i]``: exactly torchvision's RandomCrop(size, padding) followed by
+    RandomHorizontalFlip for those parameters. One pad and one gather for the whole batch.
+    """
+    b, h, w, _ = x.shape
+    padded = F.pad(x, (0, 0, padding, padding, padding, padding)) if padding else x
+    ys = torch.arange(h, device=x.device)
+    xs = torch.arange(w, device=x.device)
+    rows = offsets_y[:, None] + ys  # (B, H)
+    # A flip reads the crop's columns right to left; folding it into the index keeps a single gather.
+    cols = offsets_x[:, None] + torch.where(flips[:, None].bool(), w - 1 - xs, xs)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def sample_augmentation(n: int, padding: int, hflip: bool,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets_y, offsets_x, flips) for n images: offsets uniform on [0, 2*padding], flips Bernoulli(0.5),
+    all independent, drawn from ``generator`` on its device."""
+    kw = {"generator": generator, "device": generator.device}
+    offsets_y = torch.randint(0, 2 * padding + 1, (n,), **kw)
+    offsets_x = torch.randint(0, 2 * padding + 1, (n,), **kw)
+    flips = torch.randint(0, 2, (n,), **kw).bool() if hflip else torch.zeros(n, dtype=torch.bool, device=kw["device"])
+    return offsets_y, offsets_x, flips
+
+
+class DeviceLoader:
+    """Device-resident batches: the uint8 images live on ``device``; each epoch reshuffles with
+    ``generator`` and applies per-image random crop (zero padding) + horizontal flip + normalisation on
+    the device in whole batches; no DataLoader, no worker processes.
+
+    Train mode (``train=True``) yields ``(x, y)``: x float32 NCHW normalised, y int64, both on ``device``.
+    All of an epoch's random numbers (permutation, crop offsets, flips) are drawn from ``generator`` when
+    iteration starts, so its state between epochs (saved in checkpoints) determines the next epoch exactly.
+    ``drop_last`` defaults to True so every batch has the same shape and torch.compile never recompiles.
+    ``crop_padding=0`` disables the crop, ``hflip=False`` the flip. ``shard=(rank, world)`` (torchrun) yields
+    rank's ``batch_size // world`` slice of every global batch; all ranks must share the generator's seed.
+
+    Eval mode (``train=False``) yields ``(x, y, valid)``: every sample exactly once in dataset order, no
+    augmentation. The last batch is padded to ``batch_size`` by repeating samples from the start, again
+    for fixed shapes; ``valid`` is the number of real samples at the front of the batch (``batch_size``
+    except in the last batch), so metrics must use ``x[:valid]`` / ``y[:valid]``.
+    """
+
+    def __init__(self, ds: ArrayDataset, batch_size: int, device: torch.device, mean: Sequence[float],
+                 std: Sequence[float], *, train: bool, crop_padding: int = 4, hflip: bool = True,
+                 generator: torch.Generator | None = None, channels_last: bool = False,
+                 drop_last: bool | None = None, shard: tuple[int, int] = (0, 1)) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        rank, world = shard
+        if train and batch_size % world:
+            raise UserError(f"batch size {batch_size} must be divisible by the {world} processes (global batch "
+                            f"= the recipe's batch size)")
+        if drop_last is None:
+            drop_last = train
+        if drop_last and not train:
+            raise ValueError("eval mode yields every sample once; drop_last must be False or None")
+        if train and drop_last and len(ds) < batch_size:
+            raise UserError(f"batch size {batch_size} exceeds the {len(ds)} training images")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.channels_last = channels_last
+        self.drop_last = drop_last
+        self.shard = shard
+        if generator is None:
+            # Seeded from the global RNG so torch.manual_seed governs data order too.
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+        self.generator = generator
+        self.images = torch.from_numpy(np.ascontiguousarray(ds.images)).to(self.device)
+        self.labels = torch.from_numpy(np.ascontiguousarray(ds.labels)).to(self.device)
+        # x / 255 normalised == x * scale - shift; one multiply-subtract per batch.
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = mean_t / std_t
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, int]]:
+        return self._train_batches() if self.train else self._eval_batches()
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC permuted to NCHW is already channels_last in memory; copy the uint8 (cheaper than float) if
+        # the caller wants plain contiguous NCHW.
+        x = x.permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x.float().mul_(self._scale).sub_(self._shift)
+
+    def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        perm = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
+        oy, ox, flips = (t.to(self.device) for t in
+                         sample_augmentation(n, self.crop_padding, self.hflip, self.generator))
+        augment = self.crop_padding > 0 or self.hflip
+        # Every rank draws the same permutation and augmentation; each takes its slice of every global batch.
+        rank, world = self.shard
+        local = self.batch_size // world
+        for b in range(len(self)):
+            start = b * self.batch_size + rank * local
+            pos = slice(start, start + local)
+            idx = perm[pos]
+            x = self.images[idx]
+            if augment:
+                x = augment_batch(x, oy[pos], ox[pos], flips[pos], self.crop_padding)
+            yield self._normalise(x), self.labels[idx]
+
+    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        n = len(self.labels)
+        for b in range(len(self)):
+            start = b * self.batch_size
+            idx = torch.arange(start, start + self.batch_size, device=self.device) % n
+            yield self._normalise(self.images[idx]), self.labels[idx], min(self.batch_size, n - start)

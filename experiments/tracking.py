@@ -1,0 +1,222 @@
+"""MLflow tracking behind a small interface, with a no-op twin for --no-tracking and benchmarks."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from experiments.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "cnn-zoo"
+MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+
+
+def default_tracking_uri() -> str:
+    return normalize_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
+def normalize_uri(uri: str) -> str:
+    """Relative SQLite paths become absolute: MLflow caches stores by URI string, and resume needs a stable one."""
+    db = _sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first-time schema creation of a SQLite store: concurrent migrations crash."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before training when an HTTP tracking server does not answer its health endpoint."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise UserError(f"tracking server {uri} answered HTTP {resp.status} on /health")
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"tracking server {uri} is unreachable ({reason}); start it, fix --tracking-uri, "
+                        f"or train with --no-tracking") from None
+
+
+def init_store(uri: str, experiment: str) -> str:
+    """Create the store's schema and the experiment once, safely across processes; returns its id."""
+    import mlflow
+
+    check_reachable(uri)
+    with _store_lock(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return client.create_experiment(experiment)
+        if exp.lifecycle_stage == "deleted":
+            raise UserError(f"experiment {experiment!r} is deleted in {uri}; restore it or choose another --experiment")
+        return exp.experiment_id
+
+
+def git_info() -> dict[str, str]:
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain"))) if commit else "unknown"}
+
+
+def environment_tags(device: torch.device) -> dict[str, str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (_cpu_name() or "cpu")
+    return {
+        **git_info(),
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "device_name": name,
+        "host": socket.gethostname(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+class Tracker:
+    """No-op tracker: what --no-tracking and the benchmarks use. ``run_id`` keys the checkpoint folder."""
+
+    run_id: str | None = None
+
+    def start(self, *, run_id: str | None = None, run_name: str | None = None,
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        self.run_id = run_id or uuid.uuid4().hex
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_model(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, images: np.ndarray, labels: np.ndarray, context: str) -> None: ...
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+    def end(self, status: str) -> None: ...
+
+
+class MlflowTracker(Tracker):
+    """Fluent-API MLflow run (needed for system metrics, log_model and log_input)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, system_metrics: bool = True):
+        self.uri = normalize_uri(tracking_uri)
+        self.experiment = experiment
+        self.system_metrics = system_metrics
+        self.experiment_id = init_store(self.uri, experiment)
+
+    def start(self, *, run_id: str | None = None, run_name: str | None = None,
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        if run_id is not None:
+            try:
+                mlflow.MlflowClient().get_run(run_id)
+            except Exception:
+                raise UserError(f"run {run_id} is not in tracking store {self.uri}; resume with the "
+                                f"--tracking-uri the run was recorded in") from None
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id,
+                               run_name=None if run_id else run_name, tags=tags, parent_run_id=parent_run_id,
+                               log_system_metrics=self.system_metrics)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        items = [(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+            mlflow.log_params(dict(items[i:i + MAX_PARAMS_PER_CALL]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def log_model(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+        import mlflow.pytorch
+
+        example = np.zeros((1, *input_shape), dtype=np.float32)
+        # Explicit requirements: MLflow's inference of them imports the model in a subprocess (slow).
+        mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def log_dataset(self, name: str, digest: str, source: str, images: np.ndarray, labels: np.ndarray, context: str) -> None:
+        import mlflow
+
+        with warnings.catch_warnings():  # a local path matches two equivalent registered source types
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            ds = mlflow.data.from_numpy(images, targets=labels, source=source, name=name, digest=digest[:36])
+        mlflow.log_input(ds, context=context)
+
+    def logged_steps(self, key: str) -> set[int]:
+        import mlflow
+
+        return {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, key)}
+
+    def end(self, status: str) -> None:
+        import mlflow
+
+        mlflow.end_run(status=status)

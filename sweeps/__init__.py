@@ -1,0 +1,1 @@
+"""Optuna studies whose objective calls experiments.fit()."""

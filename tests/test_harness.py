@@ -1,0 +1,259 @@
+"""The training harness end to end on a tiny synthetic archive: MLflow contents, resume, signals, bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from experiments import checkpoint as ckpt_io
+from experiments.config import RunConfig, load_recipe
+from experiments.run import main
+from experiments.train import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_image_folder_archive):
+    """A fresh working directory with its own MLflow store, cache and outputs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CNN_ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path, tiny_image_folder_archive.parent
+    mlflow.set_tracking_uri(None)
+
+
+def _client(path: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+
+
+def _runs(path: Path, experiment: str = "cnn-zoo"):
+    client = _client(path)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_run_records_everything_in_mlflow(workdir):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--run-name", "tiny"]) == 0
+    client, runs = _runs(tmp)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    p = run.data.params
+    recipe = load_recipe("smoke")
+    assert p["arch"] == "resnet20" and p["family"] == "resnet" and p["dataset"] == "cifar10"
+    assert p["recipe"] == "smoke" and p["recipe_hash"] == recipe.hash() and p["seed"] == "0"
+    assert p["model.shortcut"] == "A"  # every model hyperparameter, defaults included
+    assert p["recipe.optimizer.lr"] == "0.05" and p["recipe.schedule.name"] == "cosine"
+    assert (p["data.train_size"], p["data.val_size"], p["data.test_size"]) == ("180", "20", "50")
+    assert len(p["data.digest"]) == 64 and p["device"] == "cpu" and p["amp"] == "False"
+    t = run.data.tags
+    for tag in ("git_commit", "git_dirty", "torch_version", "cuda_version", "device_name", "host", "command"):
+        assert t[tag], tag
+    assert t["cnn_zoo.kind"] == "train"
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+                "epoch_seconds", "images_per_second"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    m = run.data.metrics
+    assert m["param_count"] == 269_722 and m["flops"] > 0
+    for key in ("best_val_acc", "best_epoch", "test_acc_at_best_val", "final_test_acc", "final_val_acc", "train_seconds"):
+        assert key in m, key
+    assert 0 <= m["final_test_acc"] <= 100
+    history = {s.step: s.value for s in client.get_metric_history(run.info.run_id, "val_acc")}
+    assert m["best_val_acc"] == max(history.values()) and history[int(m["best_epoch"])] == m["best_val_acc"]
+    assert any(k.startswith("system/") for k in m), "system metrics are logged"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model_summary.txt", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp))
+    assert "recipe_hash: " + recipe.hash() in Path(config).read_text()
+    assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
+    inputs = run.inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"cifar10-train", "cifar10-validation", "cifar10-test"}
+
+
+def test_seeds_are_grouped_and_arch_lists_train_each(workdir):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--seeds", "0,1", "--epochs", "1"]) == 0
+    _, runs = _runs(tmp)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    groups = {r.data.tags["seed_group"] for r in runs}
+    assert len(groups) == 1
+    # same recipe and seed-independent data split sizes => same hash, different weights
+    assert len({r.data.params["recipe_hash"] for r in runs}) == 1
+    assert runs[0].data.metrics["train_seconds"] > 0
+
+
+def _train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "experiments" / "run.py"), *TINY, "--data-dir", str(data_dir),
+            "--epochs", "4", "--output-dir", str(out), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", *extra]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "CNN_ZOO_CACHE": str(tmp / "cache"), "PYTHONPATH": str(REPO)}
+
+
+def _wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                if torch.load(path, weights_only=False)["epoch"] >= epoch:
+                    return
+            except Exception:
+                pass  # being replaced right now
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise TimeoutError(path)
+
+
+def _final_state(out: Path) -> tuple[dict, list]:
+    (last,) = (out / "checkpoints").glob("*/last.pt")
+    ckpt = torch.load(last, weights_only=False)
+    return ckpt["model"], ckpt["history"]
+
+
+def _strip_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in history]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(workdir):
+    tmp, data_dir = workdir
+    ref, killed = tmp / "ref", tmp / "killed"
+    subprocess.run(_train_cmd(data_dir, ref), env=_env(tmp), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(data_dir, killed), env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    (run_dir,) = _wait_dir(killed / "checkpoints", proc)
+    _wait_for_epoch(run_dir / "last.pt", 1, proc)
+    proc.send_signal(signal.SIGKILL)  # somewhere inside epoch 2
+    proc.wait()
+    run_id = run_dir.name
+    resumed = subprocess.run(_train_cmd(data_dir, killed, "--resume", run_id), env=_env(tmp), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    ref_model, ref_hist = _final_state(ref)
+    model, hist = _final_state(killed)
+    assert _strip_timing(hist) == _strip_timing(ref_hist)  # every metric of every epoch, bit for bit
+    assert all(torch.equal(ref_model[k], model[k]) for k in ref_model)
+    client = _client(killed)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2, 3, 4]  # continues, no duplicates
+    ref_run = _client(ref).search_runs([_client(ref).get_experiment_by_name("cnn-zoo").experiment_id])[0]
+    assert run.data.metrics["final_test_acc"] == ref_run.data.metrics["final_test_acc"]
+
+
+def _wait_dir(root: Path, proc: subprocess.Popen, timeout: float = 120) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dirs = [d for d in root.glob("*") if d.is_dir()] if root.exists() else []
+        if dirs:
+            return dirs
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise TimeoutError(root)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_marks_killed_and_resumes_exactly(workdir):
+    tmp, data_dir = workdir
+    ref, term = tmp / "ref", tmp / "term"
+    subprocess.run(_train_cmd(data_dir, ref), env=_env(tmp), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(data_dir, term), env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (run_dir,) = _wait_dir(term / "checkpoints", proc)
+    _wait_for_epoch(run_dir / "last.pt", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received: checkpoint written" in err
+    run_id = run_dir.name
+    assert _client(term).get_run(run_id).info.status == "KILLED"
+    resumed = subprocess.run(_train_cmd(data_dir, term, "--resume", "latest"), env=_env(tmp), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _client(term).get_run(run_id).info.status == "FINISHED"
+    ref_model, ref_hist = _final_state(ref)
+    model, hist = _final_state(term)
+    assert _strip_timing(hist) == _strip_timing(ref_hist)
+    assert all(torch.equal(ref_model[k], model[k]) for k in ref_model)
+
+
+def test_non_finite_loss_fails_the_run(workdir, capsys):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--lr", "1e30", "--epochs", "1"]) == 1
+    assert "non-finite training loss" in capsys.readouterr().err
+    _, runs = _runs(tmp)
+    assert runs[0].info.status == "FAILED" and "non-finite" in runs[0].data.tags["failure"]
+
+
+def test_resume_with_other_arch_or_recipe_is_refused(workdir, capsys):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "1", "--no-tracking"]) == 0
+    (run_dir,) = (tmp / "outputs" / "checkpoints").glob("*")
+    before = (run_dir / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["--resume", run_dir.name, "--arch", "resnet32", "--no-tracking"]) == 2
+    assert "refusing to resume" in capsys.readouterr().err
+    assert main(["--resume", run_dir.name, "--recipe", "fast", "--no-tracking"]) == 2
+    assert "refusing to resume" in capsys.readouterr().err
+    assert (run_dir / "last.pt").read_bytes() == before  # nothing recorded was touched
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "resnet21"], "unknown model 'resnet21'. Did you mean"),
+    (["--arch", "densenet_bc", "--growth-rate", "0"], "growth"),
+    (["--arch", "densenet_bc", "--compression", "1.5"], "(0, 1]"),
+    (["--arch", "densenet_bc", "--depth", "101"], "% 6"),
+    (["--arch", "resnet20", "--set", "optimizer.nope=1"], "unknown recipe key 'optimizer.nope'"),
+    (["--arch", "resnet20", "--set", "epochs=many"], "must be an integer"),
+    (["--arch", "resnet20", "--recipe", "nosuch"], "unknown recipe 'nosuch'"),
+    (["--arch", "resnet20", "--model-arg", "width=3"], "no hyperparameter 'width'"),
+    (["--arch", "resnet20", "--data-dir", "/nonexistent/data"], "/nonexistent/data"),
+    (["--resume", "0123abc"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, message):
+    assert main([*argv, "--no-tracking"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_unknown_flag_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--arch", "resnet20", "--bogus"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["run.py: error: unrecognized arguments: --bogus (see --help)"]
+
+
+def test_dry_run_and_list(capsys):
+    assert main(["--arch", "densenet_bc", "--growth-rate", "24", "--dry-run", "--recipe", "densenet-paper"]) == 0
+    out = capsys.readouterr().out
+    assert "growth_rate: 24" in out and "batch_size: 64" in out and "trainable params" in out
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet_bc" in out and "densenet-paper" in out
+
+
+def test_aux_classifier_losses_are_weighted():
+    recipe = load_recipe("smoke")
+    trainer = Trainer(torch.nn.Linear(2, 2), recipe, torch.device("cpu"), 10, amp=False, channels_last=False, compile=False)
+    y = torch.tensor([0, 1])
+    main_logits, aux = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    loss, logits = trainer.loss((main_logits, aux), y)
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(loss, ce(main_logits, y) + recipe.aux_loss_weight * ce(aux, y)) and logits is main_logits
+
+
+def test_runconfig_roundtrip():
+    cfg = RunConfig(arch="resnet20", recipe=load_recipe("smoke"), model={"shortcut": "B"})
+    from experiments.train import saved_config
+    assert saved_config({"config": cfg.to_dict()}) == cfg

@@ -1,0 +1,241 @@
+"""The team setup: a real `mlflow server` on PostgreSQL with proxied artifacts, trained against over HTTP.
+
+docs/SCALEOUT.md documents the same command. Each test starts its own server on a free port of
+127.0.0.1 in its own process group and stops the whole group at the end (no leftover workers).
+"""
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress", "--epochs", "1"]
+PG_HOST, PG_PORT, PG_DB = "127.0.0.1", 5432, "test"
+SERVER_START_S = 120  # first start on a fresh database runs every schema migration
+TRAIN_S = 300
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: a free port, an mlflow server in its own process group, training through run.py
+# ----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def live_group_members(pgid: int) -> list[str]:
+    """Processes of group ``pgid`` that are not zombies (PID 1 of a container may never reap those)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(text[: text.rindex(")") + 1])
+    return members
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group, SIGKILL what is left after ``timeout``; reap the leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while live_group_members(proc.pid) and time.monotonic() < deadline:
+        proc.poll()
+        time.sleep(0.2)
+    if live_group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while live_group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # No huey job-runner processes: this server only tracks runs (and 2 CPU cores go to training).
+    return env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
+
+
+@contextlib.contextmanager
+def mlflow_server(args: list[str], cwd: Path, log: Path) -> Iterator[str]:
+    """``mlflow server ARGS --host 127.0.0.1 --port <free>``; yields its URL once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=server_env(), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health in {SERVER_START_S}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        stop_group(proc)
+        assert not live_group_members(proc.pid), f"server processes left over: {live_group_members(proc.pid)}"
+
+
+def train(tmp: Path, data_dir: Path, tracking_uri: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"CNN_ZOO_CACHE": str(tmp / "cache"), "PYTHONPATH": str(REPO), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), *TINY, "--data-dir", str(data_dir),
+           "--output-dir", str(tmp / "outputs"), "--tracking-uri", tracking_uri, *extra]
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=TRAIN_S)
+
+
+def get_status(url: str, host: str | None = None) -> int:
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# ----------------------------------------------------------------------------------------------
+# PostgreSQL: a fresh database per test, dropped afterwards
+# ----------------------------------------------------------------------------------------------
+
+def _pg_connect(dbname: str, user: str):
+    import psycopg2
+
+    return psycopg2.connect(host=PG_HOST, port=PG_PORT, dbname=dbname, user=user, connect_timeout=5)
+
+
+@pytest.fixture
+def pg_database() -> Iterator[tuple[str, str]]:
+    """(user, database): a uniquely named database on the local server, or ``test`` itself when the
+    user may not create databases (tests then only look at their own, uniquely named experiment)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    with socket.socket() as s:
+        s.settimeout(3)
+        if s.connect_ex((PG_HOST, PG_PORT)) != 0:
+            pytest.skip(f"no PostgreSQL server listens on {PG_HOST}:{PG_PORT}")
+    errors = []
+    for user in dict.fromkeys(filter(None, (os.environ.get("PGUSER"), "postgres", "root", getpass.getuser()))):
+        try:
+            conn = _pg_connect(PG_DB, user)
+            break
+        except psycopg2.OperationalError as e:
+            errors.append(f"{user}: {str(e).strip()}")
+    else:
+        pytest.fail(f"PostgreSQL on {PG_HOST}:{PG_PORT} accepts none of the users tried: {errors}")
+    conn.autocommit = True
+    name = f"mlflow_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        created = True
+    except psycopg2.errors.InsufficientPrivilege:
+        name, created = PG_DB, False
+    try:
+        yield user, name
+    finally:
+        if created:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_train_against_mlflow_server_on_postgres(tmp_path, tiny_image_folder_archive, pg_database):
+    user, dbname = pg_database
+    artifacts = tmp_path / "artifacts"
+    experiment = f"server-{uuid.uuid4().hex[:8]}"
+    backend = f"postgresql+psycopg2://{user}@{PG_HOST}:{PG_PORT}/{dbname}"
+    args = ["--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
+            "--allowed-hosts", "127.0.0.1:*,localhost:*"]
+    with mlflow_server(args, tmp_path, tmp_path / "server.log") as url:
+        # --allowed-hosts guards every API call; /health (what run.py probes first) is exempt.
+        assert get_status(url + "/api/2.0/mlflow/experiments/search?max_results=1", host="evil.example") == 403
+        assert get_status(url + "/api/2.0/mlflow/experiments/search?max_results=1") == 200
+
+        proc = train(tmp_path, tiny_image_folder_archive.parent, url, "--experiment", experiment, "--run-name", "pg-tiny")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+        client = mlflow.MlflowClient(tracking_uri=url)
+        exp = client.get_experiment_by_name(experiment)
+        assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied through the server
+        (run,) = client.search_runs([exp.experiment_id])
+        run_id = run.info.run_id
+        assert run.info.status == "FINISHED" and run.info.run_name == "pg-tiny"
+        assert run.data.params["arch"] == "resnet20" and run.data.params["recipe"] == "smoke"
+        assert run.data.params["data.train_size"] == "180"
+        assert 0 <= run.data.metrics["test_acc"] <= 100 and "final_test_acc" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1]
+
+        top = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "model_summary.txt", "checkpoints"} <= top
+        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt", "checkpoints/last.pt"}
+        down = tmp_path / "download"
+        down.mkdir()
+        config = Path(client.download_artifacts(run_id, "config.yaml", str(down)))
+        assert "arch: resnet20" in config.read_text()
+        last = Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(down)))
+        local = tmp_path / "outputs" / "checkpoints" / run_id / "last.pt"
+        assert last.read_bytes() == local.read_bytes()
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        assert ckpt["run_id"] == run_id and ckpt["epoch"] == 1 and ckpt["tracking_uri"] == url
+
+    # The server is gone; what it recorded stays: the rows in PostgreSQL, the files in --artifacts-destination.
+    assert list(artifacts.rglob(f"{run_id}/artifacts/checkpoints/last.pt")), sorted(map(str, artifacts.rglob("*")))[:20]
+    conn = _pg_connect(dbname, user)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT name, status FROM runs WHERE run_uuid = %s", (run_id,))
+            assert cur.fetchall() == [("pg-tiny", "FINISHED")]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="waits for the init_store fix in experiments/tracking.py (see docs/SCALEOUT.md): "
+                   "a server that refuses this client's Host header ends run.py with a traceback, not one line")
+def test_server_refusing_our_host_header_is_one_line(tmp_path, tiny_image_folder_archive):
+    """/health is exempt from --allowed-hosts, so check_reachable passes; the first API call answers 403."""
+    args = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+            "--allowed-hosts", "mlflow.example.org"]
+    with mlflow_server(args, tmp_path, tmp_path / "server.log") as url:
+        proc = train(tmp_path, tiny_image_folder_archive.parent, url)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "--allowed-hosts" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()  # refused before any data loading or training

@@ -1,0 +1,229 @@
+"""BiT (zoo/bit.py): parameter counts, narrow widths, and the official .npz checkpoint loader."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.layers import GroupNormAct, StdConv2d
+
+from zoo import bit
+from zoo._registry import create_model, model_family
+from zoo.info import count_params
+
+STEM_CHS = {"bit_r50x1": 64, "bit_r101x1": 64, "bit_r50x3": 192, "bit_r152x2": 128}
+
+# (variant, classes, cifar-stem params, source). timm's resnetv2_*_bit differs from our
+# stem="imagenet" build in nothing, and from stem="cifar" only in the 7x7 vs 3x3 stem conv:
+# timm - (7*7 - 3*3) * 3 * stem_channels.
+PARAM_TABLE = [
+    ("bit_r50x1", 10, 23_513_162, "issue: bit_r50x1 ~ 23.5M at 10 classes; timm resnetv2_50x1_bit 23,520,842 - 7,680"),
+    ("bit_r50x1", 100, 23_697_572, "timm resnetv2_50x1_bit 23,705,252 - 7,680"),
+    ("bit_r101x1", 10, 42_505_290, "timm resnetv2_101x1_bit 42,512,970 - 7,680"),
+    ("bit_r101x1", 100, 42_689_700, "timm resnetv2_101x1_bit 42,697,380 - 7,680"),
+    ("bit_r50x3", 10, 211_212_490, "timm resnetv2_50x3_bit 211,235,530 - 23,040"),
+    ("bit_r50x3", 100, 211_765_540, "timm resnetv2_50x3_bit 211,788,580 - 23,040"),
+    ("bit_r152x2", 10, 232_263_818, "timm resnetv2_152x2_bit 232,279,178 - 15,360"),
+    ("bit_r152x2", 100, 232_632_548, "timm resnetv2_152x2_bit 232,647,908 - 15,360"),
+]
+
+
+def _timm_name(variant: str) -> str:
+    depth, width = re.fullmatch(r"bit_r(\d+)x(\d+)", variant).groups()
+    return f"resnetv2_{depth}x{width}_bit"
+
+
+@pytest.mark.parametrize("variant,num_classes,expected,source", PARAM_TABLE)
+def test_param_counts(variant: str, num_classes: int, expected: int, source: str) -> None:
+    # Meta tensors: exact counts without allocating or initialising ~230M parameters.
+    with torch.device("meta"):
+        cifar = count_params(create_model(variant, num_classes=num_classes))
+        imagenet = count_params(create_model(variant, num_classes=num_classes, stem="imagenet"))
+        reference = count_params(timm.create_model(_timm_name(variant), pretrained=False, num_classes=num_classes))
+    assert cifar == expected, source
+    assert abs(cifar - expected) <= 0.02 * expected
+    assert imagenet == reference
+    assert cifar == reference - (7 * 7 - 3 * 3) * 3 * STEM_CHS[variant]
+
+
+def test_imagenet_stem_matches_timm_layout() -> None:
+    with torch.device("meta"):
+        ours = bit.bit_r50x1(stem="imagenet")
+        ref = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert [type(m) for m in ours.stem] == [type(m) for m in ref.stem]
+
+
+def test_registry_and_layers() -> None:
+    assert model_family("bit_r152x2") == "bit"
+    model = bit.bit_r50x1(base_width=8)
+    convs = [m for m in model.modules() if isinstance(m, StdConv2d)]
+    assert convs and all(m.eps == 1e-8 for m in convs)
+    assert model.stem.conv.kernel_size == (3, 3) and model.stem.conv.stride == (1, 1) and len(model.stem) == 1
+    assert all(isinstance(m, GroupNormAct) for m in (model.norm, model.stages[0].blocks[0].norm1))
+
+
+@pytest.mark.parametrize("channels,groups", [(64, 32), (2048, 32), (16, 16), (48, 24), (24, 24), (40, 20), (8, 8)])
+def test_num_groups(channels: int, groups: int) -> None:
+    assert bit.bit_num_groups(channels) == groups
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_forward_shape(stem: str, num_classes: int) -> None:
+    model = bit.bit_r50x1(num_classes=num_classes, stem=stem, base_width=8).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, num_classes)
+
+
+@pytest.mark.parametrize("base_width,width_factor", [(16, 1), (16, 3), (8, 3)])
+def test_narrow_width_builds_and_runs(base_width: int, width_factor: int) -> None:
+    model = bit.bit_resnetv2((1, 1, 1, 1), base_width=base_width, width_factor=width_factor)
+    stem_chs = base_width * width_factor
+    assert model.stem.conv.out_channels == stem_chs
+    assert model.num_features == 32 * stem_chs
+    for m in model.modules():
+        if isinstance(m, GroupNormAct):
+            assert m.num_groups == bit.bit_num_groups(m.num_channels)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(stem="big"), "stem must be one of"),
+        (dict(width_factor=0), "width_factor"),
+        (dict(base_width=12), "multiple of 8"),
+        (dict(drop_rate=1.0), "drop_rate"),
+        (dict(depth=50), "no hyperparameter"),
+    ],
+)
+def test_bad_hparams(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        create_model("bit_r50x1", **kwargs)
+
+
+# --- official .npz checkpoints ----------------------------------------------------------------
+
+_BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(conv|norm)([123])\.(weight|bias)")
+_PROJ = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.downsample\.conv\.weight")
+_TOP = {
+    "stem.conv.weight": "root_block/standardized_conv2d/kernel",
+    "norm.weight": "group_norm/gamma",
+    "norm.bias": "group_norm/beta",
+    "head.fc.weight": "head/conv2d/kernel",
+    "head.fc.bias": "head/conv2d/bias",
+}
+
+
+def _official_key(name: str) -> str:
+    """Our parameter name -> the BiT release's key, written out independently of zoo.bit."""
+    if name in _TOP:
+        return "resnet/" + _TOP[name]
+    if m := _PROJ.fullmatch(name):
+        return f"resnet/block{int(m[1]) + 1}/unit{int(m[2]) + 1:02d}/a/proj/standardized_conv2d/kernel"
+    m = _BLOCK.fullmatch(name)
+    assert m, f"unmapped parameter {name}"
+    unit = f"resnet/block{int(m[1]) + 1}/unit{int(m[2]) + 1:02d}/{'abc'[int(m[4]) - 1]}/"
+    if m[3] == "conv":
+        return unit + "standardized_conv2d/kernel"
+    return unit + ("group_norm/gamma" if m[5] == "weight" else "group_norm/beta")
+
+
+def _write_checkpoint(model: torch.nn.Module, path, drop: str | None = None) -> None:
+    arrays = {}
+    for name, p in model.state_dict().items():
+        a = p.detach().numpy()
+        arrays[_official_key(name)] = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a  # OIHW -> HWIO
+    arrays.pop(drop, None)
+    np.savez(path, **arrays)
+
+
+def _narrow(seed: int, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # Two units in stage 1 exercise unit numbering; every stage's first unit has a projection.
+    return bit.bit_resnetv2((2, 1, 1, 1), base_width=8, **kwargs).eval()
+
+
+def _body(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_load_round_trip(tmp_path, stem: str) -> None:
+    src, dst = _narrow(0, stem=stem), _narrow(1, stem=stem)
+    path = tmp_path / "BiT-M-narrow.npz"
+    _write_checkpoint(src, path)
+    report = bit.load_bit_weights(dst, path)
+    assert report["skipped"] == []
+    assert sorted(report["loaded"]) == sorted(n for n, _ in dst.named_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_loader_agrees_with_timm(tmp_path) -> None:
+    # timm's own ResNetV2.load_pretrained reads the same file into an imagenet-stem model.
+    src = _narrow(0, stem="imagenet")
+    path = tmp_path / "ckpt.npz"
+    _write_checkpoint(src, path)
+    ours, theirs = _narrow(1, stem="imagenet"), _narrow(2, stem="imagenet")
+    bit.load_bit_weights(ours, path)
+    theirs.load_pretrained(str(path))
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_load_other_num_classes_skips_head(tmp_path) -> None:
+    src, dst = _narrow(0, num_classes=21), _narrow(1, num_classes=10)
+    path = tmp_path / "ckpt.npz"
+    _write_checkpoint(src, path)
+    head_before = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith("head.")}
+    report = bit.load_bit_weights(dst, path)
+    assert [name for name, _ in report["skipped"]] == ["head.fc.weight", "head.fc.bias"]
+    assert "(21, 256, 1, 1)" in report["skipped"][0][1]
+    for k, v in _body(src).items():
+        torch.testing.assert_close(_body(dst)[k], v, rtol=0, atol=0, msg=k)
+    for k, v in head_before.items():
+        assert torch.equal(dst.state_dict()[k], v), f"{k} should keep its initialisation"
+
+
+def test_load_imagenet_checkpoint_into_cifar_stem(tmp_path) -> None:
+    src, dst = _narrow(0, stem="imagenet"), _narrow(1, stem="cifar")
+    path = tmp_path / "ckpt.npz"
+    _write_checkpoint(src, path)
+    stem_before = dst.stem.conv.weight.clone()
+    report = bit.load_bit_weights(dst, path)
+    assert [name for name, _ in report["skipped"]] == ["stem.conv.weight"]
+    assert "(8, 3, 7, 7)" in report["skipped"][0][1] and "(8, 3, 3, 3)" in report["skipped"][0][1]
+    assert torch.equal(dst.stem.conv.weight, stem_before)
+    assert torch.equal(dst.stages[0].blocks[0].conv2.weight, src.stages[0].blocks[0].conv2.weight)
+
+
+def test_load_errors(tmp_path) -> None:
+    model = _narrow(0)
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        bit.load_bit_weights(model, missing)
+
+    key = "resnet/block1/unit02/b/group_norm/gamma"
+    partial = tmp_path / "partial.npz"
+    _write_checkpoint(model, partial, drop=key)
+    with pytest.raises(ValueError, match=re.escape(f"partial.npz does not match this model: missing key '{key}'")):
+        bit.load_bit_weights(model, partial)
+
+    # A deeper model needs units the narrow checkpoint does not have.
+    deeper = bit.bit_resnetv2((3, 1, 1, 1), base_width=8)
+    full = tmp_path / "full.npz"
+    _write_checkpoint(model, full)
+    with pytest.raises(ValueError, match="unit03"):
+        bit.load_bit_weights(deeper, full)
+
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.npz"):
+        bit.load_bit_weights(model, junk)
