@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import warnings
@@ -69,18 +71,43 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def init_store(uri: str, experiment: str) -> str:
-    """Create the store's schema and the experiment once, safely across processes; returns its id."""
+    """Create the store's schema and the experiment once, safely across processes; returns its id.
+
+    A new experiment in a SQLite store keeps its artifacts beside the database file (``mlruns/``), not
+    in whatever directory the process happens to run in.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     check_reachable(uri)
     with _store_lock(uri):
         client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            return client.create_experiment(experiment)
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                db = _sqlite_path(uri)
+                location = (db.parent / "mlruns" / _safe_name(experiment)).as_uri() if db is not None else None
+                return client.create_experiment(experiment, artifact_location=location)
+        except MlflowException as e:  # a server that answers /health but refuses the API
+            raise UserError(_refusal(uri, e)) from None
         if exp.lifecycle_stage == "deleted":
             raise UserError(f"experiment {experiment!r} is deleted in {uri}; restore it or choose another --experiment")
         return exp.experiment_id
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+
+
+def _refusal(uri: str, error: Exception) -> str:
+    """One line for an MLflow API error, with the fix for the common case of a Host not in --allowed-hosts."""
+    status = getattr(error, "get_http_status_code", lambda: None)()
+    if status == 403 and "Host header" in str(error):
+        host = urllib.parse.urlsplit(uri).netloc
+        return (f"tracking server {uri} refuses the Host header {host!r} (HTTP 403); add {host} to the server's "
+                f"--allowed-hosts, or use a --tracking-uri whose host it allows")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"tracking store {uri} refused the request ({first}); check the server's log and --tracking-uri"
 
 
 def git_info() -> dict[str, str]:

@@ -94,6 +94,15 @@ def test_seeds_are_grouped_and_arch_lists_train_each(workdir):
     assert runs[0].data.metrics["train_seconds"] > 0
 
 
+def test_sqlite_store_keeps_artifacts_beside_the_database(workdir):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "1", "--tracking-uri", "sqlite:///store/mlflow.db"]) == 0
+    _, runs = _runs(tmp / "store")
+    (run,) = runs
+    assert run.info.artifact_uri.startswith((tmp / "store" / "mlruns").as_uri())
+    assert (tmp / "store" / "mlruns").is_dir() and not (tmp / "mlruns").exists()
+
+
 def _train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "experiments" / "run.py"), *TINY, "--data-dir", str(data_dir),
             "--epochs", "4", "--output-dir", str(out), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", *extra]

@@ -59,8 +59,6 @@ def sweep(tmp_path: Path, tiny_image_folder_archive: Path, cache_dir: Path, mlfl
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     experiment = f"sweeps-{uuid.uuid4().hex[:8]}"
-    # Artifacts would otherwise go to ./mlruns in the working directory (the checkout).
-    mlflow.MlflowClient(mlflow_uri).create_experiment(experiment, artifact_location=str(tmp_path / "mlartifacts"))
     argv = ["--recipe", "smoke", "--epochs", "1", "--subset", "64", "--set", "val_size=20", "--device", "cpu",
             "--data-dir", str(tiny_image_folder_archive.parent), "--space", str(space),
             "--output-dir", str(tmp_path / "outputs"), "--tracking-uri", mlflow_uri, "--experiment", experiment]

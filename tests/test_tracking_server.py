@@ -227,8 +227,6 @@ def test_train_against_mlflow_server_on_postgres(tmp_path, tiny_image_folder_arc
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="waits for the init_store fix in experiments/tracking.py (see docs/SCALEOUT.md): "
-                   "a server that refuses this client's Host header ends run.py with a traceback, not one line")
 def test_server_refusing_our_host_header_is_one_line(tmp_path, tiny_image_folder_archive):
     """/health is exempt from --allowed-hosts, so check_reachable passes; the first API call answers 403."""
     args = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
@@ -239,3 +237,16 @@ def test_server_refusing_our_host_header_is_one_line(tmp_path, tiny_image_folder
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and "--allowed-hosts" in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "outputs").exists()  # refused before any data loading or training
+
+
+def test_other_api_refusals_are_one_line() -> None:
+    """Anything but the Host-header 403 (basic auth, a 5xx) still becomes one line naming the store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, UNAUTHENTICATED
+
+    from experiments.tracking import _refusal
+
+    for code in (UNAUTHENTICATED, INTERNAL_ERROR):
+        line = _refusal("http://mlflow.lab:5000", MlflowException("API request failed\nTraceback ...", error_code=code))
+        assert line == ("tracking store http://mlflow.lab:5000 refused the request (API request failed); "
+                        "check the server's log and --tracking-uri")
