@@ -225,7 +225,9 @@ class MlflowTracker(Tracker):
     def log_model(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
         import mlflow.pytorch
 
-        example = np.zeros((1, *input_shape), dtype=np.float32)
+        # Two images: with one, torch.export (run by MLflow on the example) warns that it specialised the
+        # batch dimension to 1.
+        example = np.zeros((2, *input_shape), dtype=np.float32)
         # Explicit requirements: MLflow's inference of them imports the model in a subprocess (slow).
         mlflow.pytorch.log_model(model, name="model", input_example=example,
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

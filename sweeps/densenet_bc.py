@@ -15,6 +15,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -219,6 +220,9 @@ def prepare_study(s: Settings, storage: SweepStorage, study: optuna.Study, data:
         saved = study.user_attrs.get(CONFIG_ATTR)
         if saved is None:
             study.set_user_attr(CONFIG_ATTR, config)
+            default = s.space.default_params()
+            if default is not None:  # the paper's DenseNet-BC, trained first as every study's reference point
+                study.enqueue_trial(default)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 study.set_metric_names(["val_acc", PARAMS_ATTR] if s.multi else ["val_acc"])  # for the dashboard
@@ -313,6 +317,10 @@ class TrialRunner:
         args = self.s.args
         n_params = param_count(hp, self.data.num_classes)
         trial.set_user_attr(PARAMS_ATTR, n_params)
+        tags = {"cnn_zoo.kind": "trial", "optuna.study_name": self.s.study_name, "optuna.trial_number": str(trial.number)}
+        retry_of = _frozen(trial).system_attrs.get("failed_trial")  # set by RetryHeartbeatStaleTrialCallback
+        if retry_of is not None:
+            tags["optuna.retry_of"] = str(retry_of)
         if args.max_params is not None:
             if "max_params" not in trial.constraints:  # a retried trial inherits its constraint
                 trial.set_constraint("max_params", n_params - args.max_params)
@@ -320,12 +328,8 @@ class TrialRunner:
                 reason = f"{n_params:,} parameters > --max-params {args.max_params:,}"
                 trial.set_user_attr(REJECTED_ATTR, reason)
                 print(f"[sweep] trial {trial.number} {_hp_text(hp)}: rejected, {reason}", flush=True)
+                self._record_rejected(trial, hp, n_params, tags | {REJECTED_ATTR: reason})
                 return self._values(0.0, n_params)  # infeasible: never best, never on the front
-
-        tags = {"cnn_zoo.kind": "trial", "optuna.study_name": self.s.study_name, "optuna.trial_number": str(trial.number)}
-        retry_of = _frozen(trial).system_attrs.get("failed_trial")  # set by RetryHeartbeatStaleTrialCallback
-        if retry_of is not None:
-            tags["optuna.retry_of"] = str(retry_of)
         cfg = RunConfig(arch=ARCH, recipe=self.s.recipe, model=hp, dataset=args.dataset, data_dir=args.data_dir,
                         seed=args.seed, device=args.device, output_dir=args.output_dir)
         options = FitOptions(evaluate_test=False, log_model=False, log_checkpoints=False, progress=False,
@@ -348,6 +352,25 @@ class TrialRunner:
             raise optuna.TrialPruned(f"val acc {result.history[-1]['val_acc']:.2f}% at epoch {len(result.history)}")
         self._tag_state(tracker, TrialState.COMPLETE)
         return self._values(result.summary["best_val_acc"], n_params)
+
+    def _record_rejected(self, trial: optuna.Trial, hp: dict[str, Any], n_params: int, tags: dict[str, str]) -> None:
+        """A child run for a point rejected before training: its k, θ and size, ended KILLED (never trained),
+        so that MLflow holds one run per trial; the analysis counts only FINISHED or PRUNED trials."""
+        if self.tracker is None:
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        client = MlflowClient(self.s.tracking_uri)
+        tags = tags | {"optuna.state": TrialState.COMPLETE.name}
+        if self.parent_run_id is not None:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = client.create_run(self.tracker.experiment_id, run_name=f"{self.s.study_name}-trial-{trial.number}",
+                                tags=tags)
+        client.log_batch(run.info.run_id, params=[Param("arch", ARCH)] + [Param(f"model.{k}", str(v)) for k, v in hp.items()],
+                         metrics=[Metric(PARAMS_ATTR, n_params, int(time.time() * 1000), 0)])
+        client.set_terminated(run.info.run_id, "KILLED")
+        trial.set_user_attr(RUN_ATTR, run.info.run_id)
 
     def _values(self, val_acc: float, n_params: int) -> float | tuple[float, float]:
         return (val_acc, float(n_params)) if self.s.multi else val_acc

@@ -16,6 +16,7 @@ import yaml
 from experiments.errors import UserError
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "spaces" / "densenet_bc.yaml"
+DEFAULT_POINT = {"growth_rate": 12, "compression": 0.5, "depth": 100}  # Huang et al. 2017's DenseNet-BC
 _RANGE_KEYS = {"growth_rate": {"low", "high", "step"}, "compression": {"low", "high"}}
 
 
@@ -32,6 +33,18 @@ class SearchSpace:
         return {"depth": depth,
                 "growth_rate": trial.suggest_int("growth_rate", low, high, step=step),
                 "compression": trial.suggest_float("compression", *self.compression)}
+
+    def default_params(self) -> dict[str, Any] | None:
+        """Huang et al.'s DenseNet-BC (k = 12, θ = 0.5; L = 100 where depth is searched and 100 is listed) as
+        Optuna params, or None where the space excludes it."""
+        low, high, step = self.growth_rate
+        k, theta = DEFAULT_POINT["growth_rate"], DEFAULT_POINT["compression"]
+        if not (low <= k <= high and (k - low) % step == 0 and self.compression[0] <= theta <= self.compression[1]):
+            return None
+        params: dict[str, Any] = {"growth_rate": k, "compression": theta}
+        if len(self.depths) > 1:
+            params["depth"] = DEFAULT_POINT["depth"] if DEFAULT_POINT["depth"] in self.depths else self.depths[0]
+        return params
 
     def model_kwargs(self, params: dict[str, Any]) -> dict[str, Any]:
         """The hyperparameters of a finished trial, from its Optuna params."""

@@ -228,9 +228,20 @@ def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatc
         assert (t.constraints["max_params"] > 0) == (t in rejected)
         assert (t.user_attrs[PARAMS_ATTR] > budget) == (t in rejected)
     assert all(param_count(hp, 10) <= budget for hp in trained)
+    assert trials[2].params == {"growth_rate": 12, "compression": 0.5}  # the default, enqueued at creation
     rs = sweep["runs"]()
-    child_numbers = {int(r.data.tags["optuna.trial_number"]) for r in kind(rs, "trial")}
-    assert child_numbers == {t.number for t in trials if t not in rejected}
+    children = {int(r.data.tags["optuna.trial_number"]): r for r in kind(rs, "trial")}
+    assert sorted(children) == [t.number for t in trials]  # one child run per trial, rejected ones too
+    for t in trials:
+        child = children[t.number]
+        assert t.user_attrs[RUN_ATTR] == child.info.run_id
+        assert child.data.metrics["param_count"] == t.user_attrs[PARAMS_ATTR]
+        assert int(child.data.params["model.growth_rate"]) == t.params["growth_rate"]
+        if t in rejected:  # recorded, never trained
+            assert child.info.status == "KILLED" and child.data.tags[REJECTED_ATTR] == t.user_attrs[REJECTED_ATTR]
+            assert child.data.tags["optuna.state"] == "COMPLETE" and "best_val_acc" not in child.data.metrics
+        else:
+            assert child.info.status == "FINISHED" and REJECTED_ATTR not in child.data.tags
     # --retrain-best: the best feasible trial, retrained on train+val, is the only run that sees the test set.
     best = optuna.load_study(study_name=name, storage=journal(sweep["journal"])).best_trial
     assert best not in rejected
