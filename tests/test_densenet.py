@@ -1,7 +1,7 @@
 """DenseNet: transition widths under compression, memory-efficient equivalence, hyperparameter rules."""
 from __future__ import annotations
 
-import math
+from decimal import Decimal
 
 import pytest
 import torch
@@ -14,10 +14,18 @@ from zoo.densenet import DenseBlock, Transition
 
 @pytest.mark.parametrize(
     ("depth", "growth_rate", "compression"),
-    [(40, 12, 0.5), (52, 8, 0.3), (64, 12, 0.75), (28, 6, 1.0), (34, 7, 0.3)],
+    [
+        (40, 12, "0.5"),
+        (52, 8, "0.3"),
+        (64, 12, "0.75"),
+        (28, 6, "1.0"),
+        (34, 7, "0.3"),
+        (28, 15, "0.7"),  # m = 90 after block 1: θ·m = 63 exactly, but the float product floors to 62
+        (22, 20, "0.29"),  # m = 100: θ·m = 29, float product floors to 28
+    ],
 )
-def test_bc_transition_widths(depth: int, growth_rate: int, compression: float) -> None:
-    model = zoo.create_model("densenet_bc", depth=depth, growth_rate=growth_rate, compression=compression)
+def test_bc_transition_widths(depth: int, growth_rate: int, compression: str) -> None:
+    model = zoo.create_model("densenet_bc", depth=depth, growth_rate=growth_rate, compression=float(compression))
     layers_per_block = (depth - 4) // 6
     stages = [m for m in model.features if isinstance(m, (DenseBlock, Transition))]
     assert [type(m) for m in stages] == [DenseBlock, Transition, DenseBlock, Transition, DenseBlock]
@@ -30,7 +38,8 @@ def test_bc_transition_widths(depth: int, growth_rate: int, compression: float) 
             chs += layers_per_block * growth_rate
         else:
             assert stage.conv.in_channels == chs
-            assert stage.conv.out_channels == math.floor(compression * chs)
+            # floor(θ·m) in exact decimal arithmetic (int() floors a positive Decimal).
+            assert stage.conv.out_channels == int(Decimal(compression) * chs)
             chs = stage.conv.out_channels
     assert model.classifier.in_features == chs
 
@@ -110,8 +119,14 @@ def test_memory_efficient_saves_fewer_tensors_for_backward() -> None:
         ("densenet_bc", {"depth": 4}, r"depth >= 10"),
         ("densenet", {"depth": 41}, r"\(depth - 4\) % 3 == 0"),
         ("densenet_bc", {"bn_size": 0}, r"bn_size must be an integer >= 1"),
-        ("densenet_bc", {"drop_rate": 1.0}, r"0 <= drop_rate < 1"),
-        ("densenet", {"drop_rate": -0.1}, r"0 <= drop_rate < 1"),
+        ("densenet_bc", {"compression": "0.5"}, r"compression θ must be a number in \(0, 1\], got '0.5'"),
+        ("densenet_bc", {"compression": True}, r"compression θ must be a number in \(0, 1\], got True"),
+        ("densenet_bc", {"drop_rate": 1.0}, r"drop_rate must be a number in \[0, 1\), got 1.0"),
+        ("densenet", {"drop_rate": -0.1}, r"drop_rate must be a number in \[0, 1\), got -0.1"),
+        ("densenet", {"drop_rate": "a"}, r"drop_rate must be a number in \[0, 1\), got 'a'"),
+        ("densenet_bc", {"memory_efficient": "yes"}, r"memory_efficient must be True or False, got 'yes'"),
+        ("densenet121", {"memory_efficient": 1}, r"memory_efficient must be True or False, got 1"),
+        ("densenet_bc", {"growth_rate": 12.0}, r"growth_rate must be an integer >= 1"),
         ("densenet_bc", {"depth": 10, "growth_rate": 1, "compression": 0.1}, r"floor\(θ·m\) >= 1"),
         ("densenet121", {"compression": 1.5}, r"compression θ must be a number in \(0, 1\]"),
     ],

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 
 import zoo
+from tests.test_zoo_bit import PARAM_TABLE as BIT_PARAM_TABLE
+from tests.test_zoo_inception import PARAM_TABLE as INCEPTION_PARAM_TABLE
 from zoo._registry import register_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_PARAMS = 30_000_000  # models above this many parameters take seconds per step on two CPU cores
-MY_FAMILIES = ("alexnet", "vgg", "resnet", "densenet")
 
 
 def _params_on_meta(name: str) -> int:
@@ -26,8 +27,11 @@ def _params_on_meta(name: str) -> int:
 
 
 REGISTRY = [
-    pytest.param(name, marks=pytest.mark.slow) if _params_on_meta(name) > SLOW_PARAMS else name
+    pytest.param(name, {}, id=name, marks=[pytest.mark.slow] if _params_on_meta(name) > SLOW_PARAMS else [])
     for name in zoo.list_models()
+] + [
+    # Train mode returns (main, aux1, aux2): the loss below covers all three, so the aux heads get gradients too.
+    pytest.param("googlenet", {"aux_logits": True}, id="googlenet-aux_logits"),
 ]
 
 
@@ -37,10 +41,10 @@ def _total(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
-@pytest.mark.parametrize("name", REGISTRY)
-def test_registered_model(name: str, num_classes: int) -> None:
+@pytest.mark.parametrize(("name", "hparams"), REGISTRY)
+def test_registered_model(name: str, hparams: dict, num_classes: int) -> None:
     torch.manual_seed(0)
-    model = zoo.create_model(name, num_classes=num_classes)
+    model = zoo.create_model(name, num_classes=num_classes, **hparams)
     x = torch.randn(2, 3, 32, 32)
 
     model.train()
@@ -76,6 +80,25 @@ def test_cli_json_lists_every_variant() -> None:
 def test_unknown_model_suggests_close_matches() -> None:
     with pytest.raises(ValueError, match=r"resnet20.*python -m zoo"):
         zoo.create_model("resnet21")
+    # Even a name that resembles nothing gets its three nearest names and how to list them all.
+    with pytest.raises(ValueError, match=r"unknown model 'xyz'\. Did you mean \w+, \w+, \w+\? List all with"):
+        zoo.create_model("xyz")
+
+
+def test_timm_model() -> None:
+    model = zoo.create_model("timm:resnet18", num_classes=7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    assert zoo.model_family("timm:resnet18") == "timm"
+    with pytest.raises(ValueError, match=r"'resnet181'\. Did you mean timm:resnet18,.*timm\.list_models\(\)"):
+        zoo.create_model("timm:resnet181")
+
+
+@pytest.mark.parametrize("num_classes", [0, True, 10.0, "10"])
+def test_num_classes_must_be_a_positive_integer(num_classes: object) -> None:
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+        zoo.create_model("resnet20", num_classes=num_classes)
 
 
 def test_unknown_hyperparameter() -> None:
@@ -191,6 +214,7 @@ def test_param_count_matches_reference(
         assert abs(params - expected) <= 0.02 * expected, f"{params:,} not within 2% of {expected:,} ({source})"
 
 
-def test_param_table_covers_every_variant_of_these_families() -> None:
-    mine = {n for n in zoo.list_models() if zoo.model_family(n) in MY_FAMILIES}
-    assert mine == {row[0] for row in PARAM_TABLE}
+def test_param_tables_cover_every_variant() -> None:
+    # A newly registered variant fails here until one of the reference-count tables lists it.
+    covered = {row[0] for table in (PARAM_TABLE, BIT_PARAM_TABLE, INCEPTION_PARAM_TABLE) for row in table}
+    assert covered == set(zoo.list_models())

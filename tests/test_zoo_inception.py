@@ -7,6 +7,8 @@ instantiating each reference file's modules (the files named in PARAM_TABLE) and
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -160,16 +162,6 @@ def test_output_shape_on_cifar_input(variant: str, num_classes: int) -> None:
     assert out.shape == (2, num_classes)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cpu_forward(variant: str) -> None:
-    # One real image per model keeps this cheap (up to ~19 GFLOPs per image); shapes are checked above.
-    torch.manual_seed(0)
-    model = create_model(variant, num_classes=100).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 32, 32))
-    assert out.shape == (1, 100) and torch.isfinite(out).all()
-
-
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_googlenet_aux_logits(num_classes: int) -> None:
     with torch.device("meta"):
@@ -184,14 +176,6 @@ def test_googlenet_aux_logits(num_classes: int) -> None:
     assert isinstance(eval_out, torch.Tensor) and eval_out.shape == (2, num_classes)
 
 
-def test_googlenet_aux_heads_train_on_cpu() -> None:
-    torch.manual_seed(0)
-    model = create_model("googlenet", num_classes=10, aux_logits=True).train()
-    logits, aux1, aux2 = model(torch.randn(2, 3, 32, 32))
-    (logits.sum() + 0.3 * (aux1.sum() + aux2.sum())).backward()
-    assert model.aux1.fc2.weight.grad is not None and model.aux2.fc2.weight.grad is not None
-
-
 def test_googlenet_without_aux_returns_tensor_in_train_mode() -> None:
     with torch.device("meta"):
         out = create_model("googlenet").train()(torch.randn(2, 3, 32, 32))
@@ -201,10 +185,13 @@ def test_googlenet_without_aux_returns_tensor_in_train_mode() -> None:
 def test_registry_families_and_hyperparameter_checks() -> None:
     assert model_family("googlenet") == "googlenet"
     assert all(model_family(v) == "inception" for v in VARIANTS[1:])
-    with pytest.raises(ValueError, match="aux_logits"):
-        create_model("googlenet", aux_logits=1)
-    with pytest.raises(ValueError, match="drop_rate"):
-        create_model("inception_v4", drop_rate=1.0)
+    for aux_logits in (1, "yes"):
+        with pytest.raises(ValueError, match=f"aux_logits must be True or False, got {aux_logits!r}"):
+            create_model("googlenet", aux_logits=aux_logits)
+    for drop_rate in (1.0, -0.1, "a", True):
+        rule = re.escape(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        with torch.device("meta"), pytest.raises(ValueError, match=rule):  # meta: the features build first
+            create_model("inception_v4", drop_rate=drop_rate)
     with torch.device("meta"):
         model = create_model("inception_v3", drop_rate=0.0)
     assert model.dropout.p == 0.0

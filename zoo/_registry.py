@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch.nn as nn
+
+from zoo.layers import check_positive_int
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
@@ -43,13 +46,16 @@ def model_defaults(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in sig.parameters.items() if k != "num_classes"}
 
 
+def _closest(name: str, candidates: Iterable[str]) -> list[str]:
+    # cutoff 0: a name that resembles nothing still gets its three nearest, never an empty hint.
+    return difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.0)
+
+
 def _check_name(name: str) -> None:
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
-            f"unknown model {name!r}.{hint} List all with `python -m zoo` or zoo.list_models(); "
-            f"any timm model works as 'timm:<name>'."
+            f"unknown model {name!r}. Did you mean {', '.join(_closest(name, _MODELS))}? "
+            f"List all with `python -m zoo` or zoo.list_models(); any timm model works as 'timm:<name>'."
         )
 
 
@@ -59,16 +65,16 @@ def create_model(name: str, num_classes: int = 10, **hparams: Any) -> nn.Module:
     Raises ``ValueError`` for unknown names, unknown hyperparameters and values that break
     an architecture's rules (each variant states its rule in the message).
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    check_positive_int("num_classes", num_classes)
     if name.startswith(TIMM_PREFIX):
         import timm
 
         timm_name = name[len(TIMM_PREFIX):]
         if not timm.is_model(timm_name):
-            close = difflib.get_close_matches(timm_name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown timm model {timm_name!r}.{hint} List them with timm.list_models().")
+            close = ", ".join(TIMM_PREFIX + c for c in _closest(timm_name, timm.list_models()))
+            raise ValueError(
+                f"unknown timm model {timm_name!r}. Did you mean {close}? List them with timm.list_models()."
+            )
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **hparams)
     _check_name(name)
     fn = _MODELS[name]

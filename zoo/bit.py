@@ -21,7 +21,7 @@ from timm.layers import GroupNormAct, StdConv2d
 from timm.models.resnetv2 import ResNetV2
 
 from zoo._registry import register_model
-from zoo.layers import check_positive_int
+from zoo.layers import check_positive_int, check_unit_interval
 
 __all__ = ["bit_resnetv2", "bit_num_groups", "load_bit_weights"]
 
@@ -43,12 +43,13 @@ def _bit_group_norm_act(num_channels: int, **kwargs: Any) -> GroupNormAct:
 
 
 def bit_resnetv2(
-        layers: Sequence[int],
-        num_classes: int = 10,
-        stem: str = "cifar",
-        width_factor: int = 1,
-        base_width: int = 64,
-        drop_rate: float = 0.0,
+    layers: Sequence[int],
+    *,
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width_factor: int = 1,
+    base_width: int = 64,
+    drop_rate: float = 0.0,
 ) -> ResNetV2:
     """BiT ResNetV2 with ``layers`` bottlenecks per stage.
 
@@ -69,8 +70,7 @@ def bit_resnetv2(
     if stem_chs % 8:
         # timm rounds every channel count to a multiple of 8, which would silently change the widths.
         raise ValueError(f"base_width * width_factor must be a multiple of 8, got {stem_chs}")
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    check_unit_interval("drop_rate", drop_rate, zero_ok=True, one_ok=False)
 
     model = ResNetV2(
         layers=list(layers),
@@ -94,34 +94,82 @@ def bit_resnetv2(
 
 @register_model
 def bit_r50x1(
-        num_classes: int = 10, stem: str = "cifar", width_factor: int = 1, base_width: int = 64, drop_rate: float = 0.0,
+    *,
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width_factor: int = 1,
+    base_width: int = 64,
+    drop_rate: float = 0.0,
 ) -> ResNetV2:
     """BiT-R50x1: ResNetV2-50, stages (3, 4, 6, 3)."""
-    return bit_resnetv2((3, 4, 6, 3), num_classes, stem, width_factor, base_width, drop_rate)
+    return bit_resnetv2(
+        (3, 4, 6, 3),
+        num_classes=num_classes,
+        stem=stem,
+        width_factor=width_factor,
+        base_width=base_width,
+        drop_rate=drop_rate,
+    )
 
 
 @register_model
 def bit_r101x1(
-        num_classes: int = 10, stem: str = "cifar", width_factor: int = 1, base_width: int = 64, drop_rate: float = 0.0,
+    *,
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width_factor: int = 1,
+    base_width: int = 64,
+    drop_rate: float = 0.0,
 ) -> ResNetV2:
     """BiT-R101x1: ResNetV2-101, stages (3, 4, 23, 3)."""
-    return bit_resnetv2((3, 4, 23, 3), num_classes, stem, width_factor, base_width, drop_rate)
+    return bit_resnetv2(
+        (3, 4, 23, 3),
+        num_classes=num_classes,
+        stem=stem,
+        width_factor=width_factor,
+        base_width=base_width,
+        drop_rate=drop_rate,
+    )
 
 
 @register_model
 def bit_r50x3(
-        num_classes: int = 10, stem: str = "cifar", width_factor: int = 3, base_width: int = 64, drop_rate: float = 0.0,
+    *,
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width_factor: int = 3,
+    base_width: int = 64,
+    drop_rate: float = 0.0,
 ) -> ResNetV2:
     """BiT-R50x3: ResNetV2-50 at 3x width."""
-    return bit_resnetv2((3, 4, 6, 3), num_classes, stem, width_factor, base_width, drop_rate)
+    return bit_resnetv2(
+        (3, 4, 6, 3),
+        num_classes=num_classes,
+        stem=stem,
+        width_factor=width_factor,
+        base_width=base_width,
+        drop_rate=drop_rate,
+    )
 
 
 @register_model
 def bit_r152x2(
-        num_classes: int = 10, stem: str = "cifar", width_factor: int = 2, base_width: int = 64, drop_rate: float = 0.0,
+    *,
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width_factor: int = 2,
+    base_width: int = 64,
+    drop_rate: float = 0.0,
 ) -> ResNetV2:
     """BiT-R152x2: ResNetV2-152 (3, 8, 36, 3) at 2x width."""
-    return bit_resnetv2((3, 8, 36, 3), num_classes, stem, width_factor, base_width, drop_rate)
+    return bit_resnetv2(
+        (3, 8, 36, 3),
+        num_classes=num_classes,
+        stem=stem,
+        width_factor=width_factor,
+        base_width=base_width,
+        drop_rate=drop_rate,
+    )
 
 
 def _bit_key_map(model: ResNetV2, prefix: str = "resnet/") -> dict[str, tuple[str, torch.Tensor]]:
@@ -145,15 +193,25 @@ def _bit_key_map(model: ResNetV2, prefix: str = "resnet/") -> dict[str, tuple[st
     return {k: (name, params[name]) for k, name in keys.items()}
 
 
+def _may_skip(name: str, checkpoint_shape: torch.Size, model_shape: torch.Size) -> bool:
+    """The only tolerated mismatches: a head for another class count, a 7x7 vs 3x3 stem kernel."""
+    if name.startswith("head."):
+        return checkpoint_shape[1:] == model_shape[1:]
+    if name == "stem.conv.weight":
+        return checkpoint_shape[:2] == model_shape[:2]
+    return False
+
+
 @torch.no_grad()
 def load_bit_weights(model: ResNetV2, path: str | PathLike) -> dict[str, list]:
     """Copy an official BiT ``.npz`` checkpoint (e.g. ``BiT-M-R50x1.npz``) into a ``bit_*`` model.
 
-    Kernels are stored HWIO and transposed to OIHW. A tensor whose shape differs from the model's
-    (the 3x3 CIFAR stem vs the 7x7 kernel, a head for another class count) is skipped and the
-    model keeps its own initialisation. Returns ``{"loaded": [param names], "skipped": [(param
-    name, reason)]}``. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
-    file that is not an ``.npz`` archive or lacks a key the model needs.
+    Kernels are stored HWIO and transposed to OIHW. Two mismatches are skipped, the model keeping
+    its own initialisation: the head when only its class count differs, and the stem conv when only
+    its kernel size differs (3x3 CIFAR vs 7x7 ImageNet stem). Returns ``{"loaded": [param names],
+    "skipped": [(param name, reason)]}``. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for a file that is not an ``.npz`` archive, lacks a key the model needs, or has
+    any other shape mismatch (another width); the model is left untouched when it raises.
     """
     path = Path(path)
     if not path.is_file():
@@ -172,16 +230,38 @@ def load_bit_weights(model: ResNetV2, path: str | PathLike) -> dict[str, list]:
                 f"{path} does not match this model: missing key {missing[0]!r} "
                 f"({len(missing)} of {len(key_map)} missing; is it a BiT checkpoint of the same depth?)"
             )
-        report: dict[str, list] = {"loaded": [], "skipped": []}
-        for key, (name, param) in key_map.items():
-            value = torch.from_numpy(weights[key])
-            if value.ndim == 4:
-                value = value.permute(3, 2, 0, 1)  # HWIO -> OIHW
-            if value.shape != param.shape:
-                report["skipped"].append(
-                    (name, f"checkpoint {key} has shape {tuple(value.shape)}, model has {tuple(param.shape)}")
-                )
-                continue
-            param.copy_(value)
+        unused = [k for k in weights.files if k not in key_map]
+        if unused:  # e.g. the extra units of a deeper network
+            raise ValueError(
+                f"{path} does not match this model: key {unused[0]!r} has no place in it "
+                f"({len(unused)} unused; is it a BiT checkpoint of the same depth?)"
+            )
+        values = {key: torch.from_numpy(weights[key]) for key in key_map}
+    values = {k: v.permute(3, 2, 0, 1) if v.ndim == 4 else v for k, v in values.items()}  # HWIO -> OIHW
+    # Check every tensor before copying any, so a rejected checkpoint leaves the model as it was.
+    mismatched = [
+        (key, name, values[key].shape, param.shape)
+        for key, (name, param) in key_map.items()
+        if values[key].shape != param.shape
+    ]
+    rejected = [m for m in mismatched if not _may_skip(m[1], m[2], m[3])]
+    if rejected:
+        key, name, ckpt_shape, model_shape = rejected[0]
+        raise ValueError(
+            f"{path} does not match this model: checkpoint {key} has shape {tuple(ckpt_shape)}, model "
+            f"{name} has {tuple(model_shape)} ({len(rejected)} tensors differ; only the head's class count "
+            f"and the stem kernel size may; is it a BiT checkpoint of the same width?)"
+        )
+    report: dict[str, list] = {
+        "loaded": [],
+        "skipped": [
+            (name, f"checkpoint {key} has shape {tuple(ckpt_shape)}, model has {tuple(model_shape)}")
+            for key, name, ckpt_shape, model_shape in mismatched
+        ],
+    }
+    skipped = {m[0] for m in mismatched}
+    for key, (name, param) in key_map.items():
+        if key not in skipped:
+            param.copy_(values[key])
             report["loaded"].append(name)
     return report

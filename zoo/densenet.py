@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zoo._registry import register_model
-from zoo.layers import check_positive_int, init_kaiming
+from zoo.layers import check_bool, check_positive_int, check_unit_interval, init_kaiming
 
 
 class DenseLayer(nn.Module):
@@ -166,10 +167,11 @@ class DenseNet(nn.Module):
         check_positive_int("growth_rate", growth_rate)
         if bn_size is not None:
             check_positive_int("bn_size", bn_size)
-        if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not 0 < compression <= 1:
-            raise ValueError(f"compression θ must be a number in (0, 1], got {compression!r}")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-            raise ValueError(f"drop_rate must satisfy 0 <= drop_rate < 1, got {drop_rate!r}")
+        check_unit_interval("compression θ", compression, zero_ok=False, one_ok=True)
+        check_unit_interval("drop_rate", drop_rate, zero_ok=True, one_ok=False)
+        check_bool("memory_efficient", memory_efficient)
+        # θ as the decimal the user typed: float products misround, e.g. floor(0.7 * 90) == 62, not 63.
+        theta = Fraction(str(compression))
 
         features: OrderedDict[str, nn.Module] = OrderedDict(
             conv0=nn.Conv2d(3, num_init_features, kernel_size=3, padding=1, bias=False)
@@ -181,7 +183,7 @@ class DenseNet(nn.Module):
             )
             chs += num_layers * growth_rate
             if i < len(block_config) - 1:
-                out_chs = math.floor(compression * chs)
+                out_chs = math.floor(theta * chs)
                 if out_chs < 1:
                     raise ValueError(
                         f"compression θ={compression} gives floor(θ·m) = {out_chs} channels after dense block "

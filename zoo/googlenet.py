@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.models.googlenet import InceptionAux
 
 from zoo._registry import register_model
-from zoo.layers import ConvBNReLU, init_kaiming
+from zoo.layers import ConvBNReLU, check_bool, init_kaiming
 
 
 # The reference keeps conv biases in front of BN; kept for an exact parameter match.
@@ -118,6 +118,4 @@ def googlenet(*, num_classes: int = 10, aux_logits: bool = False) -> GoogLeNet:
     ``aux_logits=True`` adds the two auxiliary classifiers; in train mode the model then returns
     ``(logits, aux1, aux2)`` (see ``GoogLeNet``).
     """
-    if not isinstance(aux_logits, bool):
-        raise ValueError(f"aux_logits must be True or False, got {aux_logits!r}")
-    return GoogLeNet(num_classes=num_classes, aux_logits=aux_logits)
+    return GoogLeNet(num_classes=num_classes, aux_logits=check_bool("aux_logits", aux_logits))

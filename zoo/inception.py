@@ -22,7 +22,7 @@ from torch import Tensor
 from torchvision.models.inception import InceptionB, InceptionE
 
 from zoo._registry import register_model
-from zoo.layers import ConvBNReLU, init_kaiming
+from zoo.layers import ConvBNReLU, check_unit_interval, init_kaiming
 
 # torchvision's blocks rely on nn.Conv2d's padding=0 default; ConvBNReLU would pad "same".
 _tv_conv_block = partial(ConvBNReLU, padding=0)
@@ -355,10 +355,7 @@ def _inception_resnet_v2_features() -> nn.Sequential:
     ]))
 
 
-def _check_drop_rate(drop_rate: float) -> float:
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
-    return float(drop_rate)
+_check_drop_rate = partial(check_unit_interval, "drop_rate", zero_ok=True, one_ok=False)
 
 
 @register_model

@@ -20,6 +20,24 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A flag must be a real bool: a truthiness test would silently read "no" or 2 as True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_unit_interval(name: str, value: object, *, zero_ok: bool, one_ok: bool) -> float:
+    """A number in the unit interval (rates, fractions); ``zero_ok``/``one_ok`` close its ends."""
+    in_range = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        (0 <= value if zero_ok else 0 < value) and (value <= 1 if one_ok else value < 1)
+    )
+    if not in_range:
+        interval = f"{'[' if zero_ok else '('}0, 1{']' if one_ok else ')'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
 def init_kaiming(model: nn.Module) -> None:
     """He-normal fan-out conv init, BN weight 1 / bias 0, zero linear bias (He et al. 2015/2016)."""
     for m in model.modules():

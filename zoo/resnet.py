@@ -5,6 +5,9 @@
   pooling and a linear classifier; depth = 6n + 2.
 * ``resnet18/34/50``: torchvision's ImageNet ResNets with the CIFAR stem of kuangliu/pytorch-cifar
   (3x3 stride-1 conv, no max-pool), so the four stages run at 32/16/8/4 pixels.
+
+``PadShortcut``, ``CifarBasicBlock`` and ``CifarResNet`` are our own: option A's parameter-free zero-padding
+shortcut has no torchvision/timm equivalent, and torchvision's ResNet fixes a 64-wide stem and four stages.
 """
 from __future__ import annotations
 

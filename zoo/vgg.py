@@ -17,8 +17,6 @@ from torchvision.models.vgg import cfgs, make_layers
 from zoo._registry import register_model
 from zoo.layers import init_kaiming
 
-_HEADS = ("linear", "fc4096")
-
 
 def _head(head: str, num_classes: int) -> nn.Module:
     if head == "linear":
