@@ -137,14 +137,10 @@ def check_recipe_exists(runs: pd.DataFrame, recipe: str | None) -> None:
                             f"{_recipe_list(runs)}")
 
 
-def select_recipes(runs: pd.DataFrame, recipe: str | None = None, allow_mixed: bool = False) -> pd.DataFrame:
-    """Keep the runs of ``recipe`` (a name or hash; all when None) and refuse to mix recipe hashes.
-
-    Raises ``MixedRecipesError``, listing the recipes found, when several recipe hashes remain and
-    ``allow_mixed`` is false (figures then get one panel per recipe).
-    """
-    if recipe is not None:
-        runs = runs[recipe_mask(runs, recipe)]
+def select_recipes(runs: pd.DataFrame, allow_mixed: bool = False) -> pd.DataFrame:
+    """``runs``, unless they mix recipe hashes and ``allow_mixed`` is false (figures then get one panel per
+    recipe): then raises ``MixedRecipesError``, listing the recipes found. ``--recipe`` is applied
+    before, with ``recipe_mask``, so that the missing-metrics report covers that recipe only."""
     if runs["recipe_hash"].nunique() > 1 and not allow_mixed:
         raise MixedRecipesError(
             f"runs of {runs['recipe_hash'].nunique()} different recipes found ({_recipe_list(runs)}); "

@@ -3,7 +3,7 @@
 Figures are built on the Agg canvas without pyplot (nothing global to close or leak), in seaborn's
 whitegrid style. Every figure's title names its recipe(s); legends sit outside the axes. Artists that
 carry data have a ``gid`` ("runs", "errorbars", "references", "pareto-<dataset>", "trials", ...), so
-tests and SVG readers can find and count them.
+tests and SVG readers can find and count them; each "references" artist's label is its source.
 """
 from __future__ import annotations
 
@@ -29,12 +29,17 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import EngFormatter, LogFormatter, MaxNLocator  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 
 from analysis.aggregate import FINISHED, EmptyFigureError, dataset_name, pareto_front, recipe_label  # noqa: E402
+from analysis.references import REFERENCES  # noqa: E402
 
 FAMILY_ORDER = ("alexnet", "vgg", "googlenet", "inception", "resnet", "densenet", "bit", "timm")
 DATASET_MARKERS = {"cifar10": "o", "cifar100": "s"}
 DATASET_LINESTYLES = {"cifar10": "-", "cifar100": "--"}
+# Hollow shapes of published numbers, one per source; none is a dataset marker, so ours never look published.
+SOURCE_MARKERS = ("^", "v", "p", "h", "X", "<", ">", "*")
+REFERENCE_DODGE = 8.0  # points between the markers of several sources of one model, side by side at its x
 CURVE_METRICS = {"val_acc": "validation accuracy", "test_acc": "test accuracy"}
 K, THETA, DEPTH = "model.growth_rate", "model.compression", "model.depth"
 DEFAULT_BC = {"growth_rate": 12, "compression": 0.5}  # DenseNet-BC of Huang et al. 2017
@@ -79,6 +84,13 @@ def family_palette(families: Iterable[str]) -> dict[str, tuple[float, float, flo
 
 def _marker(dataset: str) -> str:
     return DATASET_MARKERS.get(dataset, "D")
+
+
+def source_markers(sources: Iterable[str]) -> dict[str, str]:
+    """A marker shape per reference source, the same in every figure (``REFERENCES``' order first)."""
+    known = list(dict.fromkeys(r.source for r in REFERENCES))
+    ordered = known + sorted(set(sources) - set(known))
+    return {source: SOURCE_MARKERS[i % len(SOURCE_MARKERS)] for i, source in enumerate(ordered)}
 
 
 def _linestyle(dataset: str) -> str:
@@ -126,8 +138,9 @@ def accuracy_figure(agg: pd.DataFrame, matched: pd.DataFrame, x: str = "params")
     """Final test accuracy (mean over seeds, ±1 std bars) against ``x`` ("params", "flops" or "train_time").
 
     ``agg`` is ``aggregate_runs``' frame, ``matched`` is ``match_references``' pairs. Colour = family,
-    marker = dataset; published numbers are hollow markers at our x of the same architecture, joined to
-    our point by a dotted line; a step line per dataset traces the Pareto front. One panel per recipe.
+    marker = dataset; published numbers are hollow markers, one shape per source, at our x of the same
+    architecture (side by side when several sources match it), joined to our point by a dotted line; a
+    step line per dataset traces the Pareto front. One panel per recipe.
     """
     axis = X_AXES[x]
     points = agg.assign(
@@ -141,13 +154,15 @@ def accuracy_figure(agg: pd.DataFrame, matched: pd.DataFrame, x: str = "params")
     refs = matched[["model_id", "priority", "ref_test_acc", "ref_source"]].merge(
         points[["model_id", "_x", "_y", "family", "dataset", "recipe_label"]], on="model_id")
     palette = family_palette(points["family"])
+    sources = list(dict.fromkeys(refs.sort_values("priority", kind="stable")["ref_source"]))
+    markers = source_markers(sources)
     recipes = sorted(points["recipe_label"].unique())
     with _style():
         fig = _figure(6.2 * len(recipes) + 3.0, 5.4)
         axes = fig.subplots(1, len(recipes), sharey=True, squeeze=False)[0]
         for ax, recipe in zip(axes, recipes):
             _accuracy_panel(ax, points[points["recipe_label"] == recipe], refs[refs["recipe_label"] == recipe],
-                            palette, axis, x == "params")
+                            palette, markers, axis, x == "params")
             if len(recipes) > 1:
                 ax.set_title(f"recipe {recipe}")
         axes[0].set_ylabel("test accuracy (%)")
@@ -155,6 +170,8 @@ def accuracy_figure(agg: pd.DataFrame, matched: pd.DataFrame, x: str = "params")
         fig.suptitle(f"Test accuracy vs {axis.title} — {where}")
         families = [f for f in palette if f in set(points["family"])]
         datasets = sorted(points["dataset"].unique())
+        published = [Line2D([], [], marker=markers[s], linestyle="", color="0.4", markerfacecolor="none", label=s)
+                     for s in sources]
         _legend(fig, [
             _header("family"),
             *[Line2D([], [], marker="o", linestyle="", color=palette[f], label=f) for f in families],
@@ -162,21 +179,22 @@ def accuracy_figure(agg: pd.DataFrame, matched: pd.DataFrame, x: str = "params")
             *[Line2D([], [], marker=_marker(d), linestyle="", color="0.4", label=dataset_name(d)) for d in datasets],
             _header("marks"),
             Line2D([], [], marker="o", color="0.4", markeredgecolor="white", label="ours: mean ± 1 std over seeds"),
-            Line2D([], [], marker="o", linestyle=":", color="0.4", markerfacecolor="none",
-                   label="published (hollow); dotted: gap to ours"),
             *[Line2D([], [], linestyle=_linestyle(d), color="0.25", label=f"Pareto front, {dataset_name(d)}")
               for d in datasets],
-        ], headers=("family", "dataset", "marks"))
-        sources = ", ".join(dict.fromkeys(refs.sort_values("priority")["ref_source"])) or "none match these runs"
+            *([_header("published (hollow)"), *published,
+               Line2D([], [], linestyle=":", color="0.4", label="gap to ours")] if sources else []),
+        ], headers=("family", "dataset", "marks", "published (hollow)"))
         timing = " x is mean wall-clock training time (± 1 std)." if x == "train_time" else ""
+        published_text = ("Hollow markers: published accuracy of the same architecture and dataset, one shape per "
+                          "source, drawn at our x (side by side where several sources match one model)."
+                          if sources else "No published number matches these runs.")
         _caption(fig, f"Only FINISHED runs. Points: our final test accuracy, mean over seeds (bars: ± 1 sample "
-                      f"std). Hollow markers: published accuracy of the same architecture and dataset, drawn at our "
-                      f"x. Step lines: the most accurate model at or below each x.{timing} Published: {sources}.")
+                      f"std). {published_text} Step lines: the most accurate model at or below each x.{timing}")
     return fig
 
 
-def _accuracy_panel(ax: Axes, points: pd.DataFrame, refs: pd.DataFrame, palette: dict, axis: XAxis,
-                    params: bool) -> None:
+def _accuracy_panel(ax: Axes, points: pd.DataFrame, refs: pd.DataFrame, palette: dict, markers: dict[str, str],
+                    axis: XAxis, params: bool) -> None:
     for family, group in points.groupby("family"):
         bars = ax.errorbar(group["_x"], group["_y"], yerr=group["_yerr"],
                            xerr=group["_xerr"] if axis.std else None, fmt="none", ecolor=palette[family],
@@ -190,9 +208,14 @@ def _accuracy_panel(ax: Axes, points: pd.DataFrame, refs: pd.DataFrame, palette:
     if not refs.empty:
         ax.vlines(refs["_x"], refs["_y"], refs["ref_test_acc"], colors=[palette[f] for f in refs["family"]],
                   linestyles=":", linewidth=1.0, zorder=1, gid="reference-gaps")
-        for dataset, group in refs.groupby("dataset"):
-            ax.scatter(group["_x"], group["ref_test_acc"], marker=_marker(dataset), s=70, facecolors="none",
-                       edgecolors=[palette[f] for f in group["family"]], linewidths=1.4, zorder=4, gid="references")
+        # A model's references in priority order, centred on its x and REFERENCE_DODGE points apart.
+        rank = refs.groupby("model_id").cumcount()
+        width = refs.groupby("model_id")["model_id"].transform("size")
+        refs = refs.assign(_dodge=(rank - (width - 1) / 2) * REFERENCE_DODGE)
+        for (source, dodge), group in refs.groupby(["ref_source", "_dodge"], sort=False):
+            ax.scatter(group["_x"], group["ref_test_acc"], marker=markers[source], s=70, facecolors="none",
+                       edgecolors=[palette[f] for f in group["family"]], linewidths=1.4, zorder=4, gid="references",
+                       label=source, transform=offset_copy(ax.transData, ax.figure, x=dodge, units="points"))
     for dataset, group in points.groupby("dataset"):
         front = pareto_front(group, "_x", "_y")
         ax.step(front["_x"], front["_y"], where="post", color="0.25", linestyle=_linestyle(dataset),

@@ -43,13 +43,14 @@ def make_figures(uri: str, experiment: str, out: Path, recipe: str | None = None
     for note in (ignored_runs_note(runs, TRAIN_KINDS), ignored_runs_note(runs, ("trial",))):
         if note:
             warn(note)
-    train, trials = finished_runs(runs, TRAIN_KINDS), finished_runs(runs, ("trial",))
-    if train.empty and trials.empty:
+    finished = finished_runs(runs, (*TRAIN_KINDS, "trial"))
+    if finished.empty:
         raise AnalysisError(f"experiment {experiment!r} has no FINISHED train, retrain or trial runs "
                             f"({len(runs)} runs in all)")
-    check_recipe_exists(pd.concat([train, trials]), recipe)
-    if recipe is not None:
-        train, trials = train[recipe_mask(train, recipe)], trials[recipe_mask(trials, recipe)]
+    check_recipe_exists(finished, recipe)
+    if recipe is not None:  # the one recipe filter: every figure and warning below sees only this recipe
+        runs = runs[recipe_mask(runs, recipe)]
+    train, trials = finished_runs(runs, TRAIN_KINDS), finished_runs(runs, ("trial",))
     with store_errors(uri):
         history = load_histories(client, train["run_id"])
     for line in missing_report(missing_metrics(pd.concat([train, trials]), history)):
@@ -66,12 +67,9 @@ def make_figures(uri: str, experiment: str, out: Path, recipe: str | None = None
         curves = curves_frame(train, history)
         written += _save_or_warn(lambda: learning_curves_figure(curves), out, "learning_curves")
     for study, group in study_trials(runs).items():
-        if recipe is not None:
-            group = group[recipe_mask(group, recipe)]
-        if not group.empty:
-            group = select_recipes(group, allow_mixed=allow_mixed)
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study)
-            written += _save_or_warn(lambda: sweep_figure(group, study), out, f"sweep_{slug}")
+        group = select_recipes(group, allow_mixed=allow_mixed)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study)
+        written += _save_or_warn(lambda: sweep_figure(group, study), out, f"sweep_{slug}")
     return written
 
 

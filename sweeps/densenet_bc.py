@@ -5,9 +5,9 @@
     python sweeps/densenet_bc.py --storage postgresql://USER@HOST:5432/DB --study-name dbc   # on every machine
 
 --trials is the study's total across all workers, machines and restarts: rerunning the same command
-resumes the study (a trial cut short by a dead worker is retried). Trials see validation accuracy
-only; --retrain-best retrains the winner(s) on train+val and reports test accuracy. Watch a study
-live with `optuna-dashboard optuna.journal` (or with the postgresql:// URL).
+resumes the study (a trial cut short by a dead or interrupted worker is retried). Trials see validation
+accuracy only; --retrain-best retrains the winner(s) on train+val and reports test accuracy. Watch a
+study live with `optuna-dashboard optuna.journal` (or with the postgresql:// URL).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 import zoo
-from experiments.config import Recipe, RunConfig, apply_overrides, list_recipes, load_recipe, parse_key_value
+from experiments.config import MAX_SEED, Recipe, RunConfig, apply_overrides, list_recipes, load_recipe, parse_key_value
 from experiments.data import NUM_CLASSES, DatasetBundle, load_dataset
 from experiments.errors import UserError
 from experiments.tracking import DEFAULT_EXPERIMENT, MlflowTracker, Tracker, default_tracking_uri, init_store
@@ -48,8 +48,7 @@ REJECTED_ATTR = "cnn_zoo.rejected"  # trial: why it was not trained (over --max-
 RUN_ATTR = "cnn_zoo.mlflow_run_id"  # trial: its MLflow child run
 CONFIG_ATTR = "cnn_zoo.config"  # study: what its trials must share (objective, space, recipe, data, ...)
 MLFLOW_ATTR = "cnn_zoo.mlflow"  # study: the parent run shared by all workers
-REPORT_CLAIM = "cnn_zoo.report"  # study: who logs the plots and ends the parent run
-RETRAIN_CLAIM = "cnn_zoo.retrain"  # study: who retrains the best trial(s), and their test accuracy
+REPORT_CLAIM = "cnn_zoo.report"  # study: who retrains (--retrain-best), logs the results and ends the parent run
 TOP_TRIALS = 5  # rows of the val_acc table
 
 
@@ -150,6 +149,8 @@ class Settings:
 
 def resolve(args: argparse.Namespace) -> Settings:
     """Check every flag and file before any data, storage or training is touched."""
+    if not 0 <= args.seed < MAX_SEED:
+        raise UserError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     if args.objective == "pareto" and args.pruner not in (None, "none"):
         raise UserError(f"--pruner {args.pruner}: Optuna cannot prune multi-objective studies; "
                         f"drop --pruner with --objective pareto")
@@ -345,6 +346,8 @@ class TrialRunner:
         try:
             result = fit(cfg, tracker, callbacks, options, data=self.data)
         except BaseException:
+            # Optuna's state. An interrupted (SIGTERM, Ctrl-C) trial's run still ends KILLED, fit()'s status
+            # for an interruption: its trial is FAIL and its parameters are queued again (sweeps.study).
             self._tag_state(tracker, TrialState.FAIL)
             raise
         if result.stopped_early:
@@ -524,11 +527,13 @@ def plots(s: Settings, study: optuna.Study) -> Iterator[tuple[str, Any]]:
         yield name, first.figure
 
 
-def report(s: Settings, study: optuna.Study, parent_run_id: str | None) -> None:
-    """Plots and the results table as artifacts of the parent run, which then ends FINISHED."""
+def report(s: Settings, study: optuna.Study, parent_run_id: str | None, n_trials: int,
+           test_acc: dict[int, float] | None) -> None:
+    """Plots and the results table (with the retrained trials' test accuracy) as artifacts of the parent
+    run, which then ends FINISHED; ``n_trials``: the trials that count."""
     import matplotlib.pyplot as plt
 
-    text = results_text(s, study)
+    text = results_text(s, study, test_acc)
     if parent_run_id is None:
         folder = Path(s.args.output_dir) / "sweeps" / s.study_name
         folder.mkdir(parents=True, exist_ok=True)
@@ -549,13 +554,19 @@ def report(s: Settings, study: optuna.Study, parent_run_id: str | None) -> None:
     if best and not s.multi:
         client.log_metric(parent_run_id, "best_val_acc", best[0].value)
         client.set_tag(parent_run_id, "best_trial", str(best[0].number))
-    client.log_metric(parent_run_id, "n_trials", len(study.trials))
+    client.log_metric(parent_run_id, "n_trials", n_trials)
     client.set_terminated(parent_run_id, "FINISHED")
 
 
 def retrain(s: Settings, study: optuna.Study, data: DatasetBundle, parent_run_id: str | None) -> dict[int, float]:
     """Retrain the best trial(s) on train+val and evaluate on the test set; {trial number: test acc}."""
     recipe = apply_overrides(s.recipe, {"val_size": 0})
+    if parent_run_id is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(s.tracking_uri)
+        if client.get_run(parent_run_id).info.status != "RUNNING":  # reported before without --retrain-best
+            client.update_run(parent_run_id, status="RUNNING")
     results = {}
     for t in best_trials(s, study)[: None if s.multi else 1]:
         hp = s.space.model_kwargs(t.params)
@@ -571,27 +582,35 @@ def retrain(s: Settings, study: optuna.Study, data: DatasetBundle, parent_run_id
     return results
 
 
+def _report_covers(held: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """A report of the same number of trials makes ours redundant unless we retrain and it did not."""
+    return held["trials"] == wanted["trials"] and (held["retrain"] or not wanted["retrain"])
+
+
 def finish(s: Settings, storage: SweepStorage, study: optuna.Study, data: DatasetBundle,
            parent_run_id: str | None) -> int:
     trials = study.get_trials(deepcopy=False)
-    if n_done(trials) < s.args.trials or any(t.state == TrialState.RUNNING for t in trials):
+    done = n_done(trials)
+    if done < s.args.trials or any(t.state == TrialState.RUNNING for t in trials):
         print(results_text(s, study))
-        print(f"error: study {s.study_name} has {n_done(trials)} of {s.args.trials} trials done; rerun the same "
+        print(f"error: study {s.study_name} has {done} of {s.args.trials} trials done; rerun the same "
               f"command to resume it", file=sys.stderr)
         return 1
-    # Every process of the study gets here; one logs the report and one retrains (per study size).
-    if claim(study, storage, REPORT_CLAIM, len(trials)):
-        report(s, study, parent_run_id)
-        release_claim(study, storage, REPORT_CLAIM, done=True)
+    # Every process of the study gets here; one retrains (when asked) and then reports, per study size.
+    # A later --retrain-best command retrains and reports again a study reported without retraining.
+    token = {"trials": done, "retrain": s.args.retrain_best}
     test_acc = None
-    if s.args.retrain_best:
-        if not claim(study, storage, RETRAIN_CLAIM, len(trials)):
-            print(f"[sweep] another process retrains the best trial(s) of study {s.study_name}")
-        else:
-            try:
-                test_acc = retrain(s, study, data, parent_run_id)
-            finally:
-                release_claim(study, storage, RETRAIN_CLAIM, done=test_acc is not None)
+    if claim(study, storage, REPORT_CLAIM, token, covers=_report_covers):
+        reported = False
+        try:
+            test_acc = retrain(s, study, data, parent_run_id) if s.args.retrain_best else None
+            report(s, study, parent_run_id, done, test_acc)
+            reported = True
+        finally:
+            release_claim(study, storage, REPORT_CLAIM, token, done=reported)
+    else:
+        retrained = " with its retrained best trial(s)" if s.args.retrain_best else ""
+        print(f"[sweep] study {s.study_name} is reported{retrained} by another process, or was already")
     print(results_text(s, study, test_acc))
     if not best_trials(s, study):
         print(f"error: no trial of study {s.study_name} trained successfully within the constraints", file=sys.stderr)

@@ -4,8 +4,11 @@ Storages: a journal file (Optuna's JournalStorage + JournalFileBackend; processe
 a ``postgresql://`` URL (RDBStorage; workers on many machines).
 
 The cap. A trial *counts* once it is COMPLETE, PRUNED or RUNNING, or FAILed with a verdict (an error
-the objective caught and recorded, e.g. a diverged loss). A trial lost to a dead or interrupted
-worker does not count: it is failed and its parameters are queued again (WAITING) for the next ask.
+the objective caught and recorded, e.g. a diverged loss). A trial lost to a dead worker (SIGKILL, a
+crash of the machine) or an interrupted one (SIGTERM, Ctrl-C, which end the worker) does not count: it
+is failed and its parameters are queued again (WAITING, with Optuna's ``failed_trial`` system attr
+naming it) for the next ask, so rerunning the command trains it. Any other error ends the worker
+without re-queueing: its trial does not count, and the next ask samples a new point.
 Every worker holds the study's lock (flock on ``<journal>.sweep-lock``, or a PostgreSQL session
 advisory lock keyed by the study name, which the server drops with a dead worker's connection)
 while it (1) fails the trials of dead workers, (2) counts, and (3) if fewer than N count, asks for a
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import operator
 import os
 import socket
 import time
@@ -49,7 +53,7 @@ FAILURE_ATTR = "cnn_zoo.failure"  # trial user attr: the caught error that makes
 WORKERS_STARTED_ATTR = "cnn_zoo.workers_started"  # study user attr: gives each worker its own sampler seed
 MAX_RETRY = 2  # times a dead worker's parameters are queued again
 POLL_SECONDS = 1.0  # how often a worker with nothing to run looks at the study again
-POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2")  # psycopg2 is the driver the project installs
 
 StaleTrialHook = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -155,6 +159,9 @@ def open_storage(spec: str, heartbeat_seconds: int, on_stale: StaleTrialHook | N
             raise UserError(f"--storage {spec}: folder {path.parent} does not exist")
         return SweepStorage(spec, JournalStorage(JournalFileBackend(spec)), postgres=False, stale_callback=retry)
     scheme = spec.split("://", 1)[0]
+    if scheme.startswith("postgresql+") and scheme not in POSTGRES_SCHEMES:
+        raise UserError(f"--storage {mask_url(spec)}: the {scheme.split('+', 1)[1]} driver is not supported; "
+                        f"use postgresql:// or postgresql+psycopg2://")
     if scheme not in POSTGRES_SCHEMES:
         raise UserError(f"--storage {mask_url(spec)}: use a journal file path (one machine) or a postgresql:// URL "
                         f"(many machines); {scheme}:// is not supported")
@@ -174,18 +181,23 @@ def open_storage(spec: str, heartbeat_seconds: int, on_stale: StaleTrialHook | N
     return SweepStorage(spec, rdb, postgres=True, stale_callback=retry)
 
 
+def _queue_again(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
+    """Optuna's RetryHeartbeatStaleTrialCallback: a WAITING copy of ``trial``'s parameters whose system
+    attrs name it (``failed_trial``, ``retry_history``); nothing once ``max_retry`` retries are used up."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
+
+
 class _RetryStaleTrial:
-    """Optuna's RetryHeartbeatStaleTrialCallback (queue the parameters again) followed by ``on_stale``."""
+    """Queue a dead worker's parameters again, then run ``on_stale``."""
 
     def __init__(self, on_stale: StaleTrialHook | None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            self._retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
         self._on_stale = on_stale
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         print(f"[sweep] trial {trial.number} lost its worker: marked FAIL, parameters queued again", flush=True)
-        self._retry(study, trial)
+        _queue_again(study, trial, MAX_RETRY)
         if self._on_stale is not None:
             self._on_stale(study, trial)
 
@@ -254,14 +266,17 @@ def run_trials(study: optuna.Study, storage: SweepStorage, n_trials: int,
 def _run_one(study: optuna.Study, lock: Lock, suggest: Callable[[optuna.Trial], Any],
              evaluate: Callable[[optuna.Trial, Any], Any], catch: tuple[type[Exception], ...]) -> None:
     number: list[int] = []
+    evaluating = False  # the lock is released and the parameters are complete
 
     def objective(trial: optuna.Trial) -> Any:
+        nonlocal evaluating
         # Stamp the trial before anyone else may look at it: under the lock, a RUNNING trial without
         # a stamp can only belong to a worker that died right after asking.
         number.append(trial.number)
         trial.set_user_attr(WORKER_ATTR, _identity())
         suggested = suggest(trial)
         lock.release()
+        evaluating = True
         try:
             return evaluate(trial, suggested)
         except catch as e:
@@ -271,11 +286,19 @@ def _run_one(study: optuna.Study, lock: Lock, suggest: Callable[[optuna.Trial], 
     try:
         # study.optimize rather than ask/tell: it runs Optuna's heartbeat thread during the trial.
         study.optimize(objective, n_trials=1, catch=catch)
-    except BaseException:
-        # Optuna fails the trial on an Exception or KeyboardInterrupt but not on other BaseExceptions
-        # (the harness's SIGTERM Interrupted): fail it here rather than leave it RUNNING.
+    except BaseException as e:
         if number:
-            study.tell(number[0], state=TrialState.FAIL, skip_if_finished=True)
+            if evaluating:  # fail and re-queue under the lock, so no worker counts in between
+                lock.acquire()
+            # Optuna fails the trial on an Exception or KeyboardInterrupt but not on other BaseExceptions
+            # (the harness's SIGTERM Interrupted): fail it here rather than leave it RUNNING.
+            failed = study.tell(number[0], state=TrialState.FAIL, skip_if_finished=True)
+            # An interrupt (a BaseException that is no Exception) says nothing about the point: queue it
+            # again, without a retry limit since the user, not the point, stopped it.
+            if evaluating and not isinstance(e, Exception) and failed.state == TrialState.FAIL:
+                _queue_again(study, failed, max_retry=None)
+                print(f"[sweep] trial {failed.number} interrupted: marked FAIL, parameters queued again for the "
+                      f"next run", flush=True)
         raise
 
 
@@ -311,23 +334,28 @@ def _fail_dead_trials(study: optuna.Study, storage: SweepStorage) -> None:
             storage.stale_callback(study, failed)
 
 
-def claim(study: optuna.Study, storage: SweepStorage, key: str, token: Any) -> bool:
-    """Let one process act on ``token`` under ``key`` (e.g. log the report of a study of n trials): True
-    for the first caller, False for later ones unless the holder gave up or is gone from this host."""
+def claim(study: optuna.Study, storage: SweepStorage, key: str, token: Any,
+          covers: Callable[[Any, Any], bool] = operator.eq) -> bool:
+    """Let one process act on ``token`` under ``key`` (e.g. log the report of a study of n trials): False
+    while a claim whose token covers ours (``covers(held, token)``) is done, or held by another process
+    that may be alive (one gone from this host has given up); True, and the claim is ours, otherwise."""
     me = _identity()
     with locked(storage.lock(study.study_name)):
         held = study.user_attrs.get(key)
-        if held is not None and held["token"] == token and (
+        if held is not None and covers(held["token"], token) and (
                 held["done"] or (held["worker"] != me and _maybe_alive(held["worker"]))):
             return False
         study.set_user_attr(key, {"token": token, "worker": me, "done": False})
         return True
 
 
-def release_claim(study: optuna.Study, storage: SweepStorage, key: str, done: bool) -> None:
-    """``done``: the work is finished for good; otherwise the next caller of claim() gets it."""
+def release_claim(study: optuna.Study, storage: SweepStorage, key: str, token: Any, done: bool) -> None:
+    """``done``: the work is finished for good; otherwise the next caller of claim() gets it. A claim that
+    another process took over meanwhile (with a token ours did not cover) is left to it."""
     with locked(storage.lock(study.study_name)):
-        study.set_user_attr(key, {**study.user_attrs[key], "done": True} if done else None)
+        held = study.user_attrs.get(key)
+        if held is not None and held["worker"] == _identity() and held["token"] == token:
+            study.set_user_attr(key, {**held, "done": True} if done else None)
 
 
 def _maybe_alive(worker: dict[str, Any]) -> bool:

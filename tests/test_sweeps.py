@@ -3,6 +3,7 @@ trial cap across workers (journal file and PostgreSQL), including a worker kille
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,10 +20,12 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from experiments.errors import UserError
+from experiments.train import Interrupted
 from sweeps import densenet_bc
 from sweeps.densenet_bc import PARAMS_ATTR, REJECTED_ATTR, RUN_ATTR, main, param_count
 from sweeps.space import DEFAULT_SPACE, SearchSpace, load_space
 from sweeps.study import WORKER_ATTR, open_storage
+from tests.helpers import service_missing
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "sweeps" / "densenet_bc.py"
@@ -73,7 +76,7 @@ def pg_study() -> Iterator[str]:
     try:
         open_storage(PG_URL, heartbeat_seconds=5)  # creates the tables once, under the lock the commands take
     except UserError as e:
-        pytest.skip(str(e))
+        service_missing(str(e))
     name = f"test-sweeps-{uuid.uuid4().hex[:10]}"
     yield name
     try:
@@ -94,6 +97,10 @@ def runs(uri: str, experiment: str) -> list:
 
 def kind(rs: list, value: str) -> list:
     return [r for r in rs if r.data.tags.get("cnn_zoo.kind") == value]
+
+
+def results_txt(uri: str, run_id: str, tmp: Path) -> str:
+    return Path(mlflow.MlflowClient(uri).download_artifacts(run_id, "results.txt", str(tmp))).read_text()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +147,8 @@ def test_space_suggests_depth_only_when_several() -> None:
     (["--max-params", "1000"], "rejects the whole search space"),
     (["--set", "val_size=0"], "val_size is 0"),
     (["--storage", "mysql://u@h/db"], "postgresql:// URL"),
+    (["--storage", "postgresql+psycopg://u@127.0.0.1/db"], "use postgresql:// or postgresql+psycopg2://"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**32)"),
 ])
 def test_bad_input_fails_with_one_line(sweep: dict, capsys: pytest.CaptureFixture, extra: list[str], message: str) -> None:
     assert main([*sweep["argv"], "--storage", sweep["journal"], *extra]) == 2
@@ -199,6 +208,35 @@ def test_val_acc_study_prunes_and_links_mlflow_runs(sweep: dict) -> None:
         assert t.user_attrs[RUN_ATTR] == child.info.run_id
         if t.state == TrialState.PRUNED:
             assert list(t.intermediate_values) == [1]  # stopped after epoch 1 of 2
+    assert parent.data.metrics["n_trials"] == 7
+    assert "test acc" not in results_txt(sweep["uri"], parent.info.run_id, sweep["tmp"] / "first")
+
+
+def test_retrain_best_later_reopens_the_parent_and_reports_test_acc(sweep: dict, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A study reported without --retrain-best, rerun with it: the retrain runs under a RUNNING parent,
+    which then ends FINISHED with the test accuracy in results.txt; a third plain run changes nothing."""
+    argv = [*sweep["argv"], "--storage", sweep["journal"], "--study-name", "later", "--trials", "2", "--pruner", "none"]
+    assert main(argv) == 0
+    parent_status: list[str] = []
+    real_fit = densenet_bc.fit
+
+    def watching_fit(cfg, tracker, callbacks=(), options=None, data=None):
+        parent_status.append(mlflow.MlflowClient(sweep["uri"]).get_run(options.parent_run_id).info.status)
+        return real_fit(cfg, tracker, callbacks, options, data=data)
+
+    monkeypatch.setattr(densenet_bc, "fit", watching_fit)
+    capsys.readouterr()
+    assert main([*argv, "--retrain-best"]) == 0
+    assert parent_status == ["RUNNING"]  # only the retrain trained
+    (parent,) = kind(sweep["runs"](), "sweep")
+    (retrained,) = kind(sweep["runs"](), "retrain")
+    text = results_txt(sweep["uri"], parent.info.run_id, sweep["tmp"] / "second")
+    acc = f"{retrained.data.metrics['final_test_acc']:.2f}%"
+    assert parent.info.status == "FINISHED" and "test acc" in text and acc in text
+    assert acc in capsys.readouterr().out
+    assert main(argv) == 0 and parent_status == ["RUNNING"]  # already reported, with the retrain
+    assert results_txt(sweep["uri"], parent.info.run_id, sweep["tmp"] / "third") == text
 
 
 def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,9 +246,12 @@ def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatc
     trained: list[dict] = []
     real_fit = densenet_bc.fit
 
-    def counting_fit(cfg, *args, **kwargs):
+    parent_status: list[str] = []
+
+    def counting_fit(cfg, tracker, callbacks=(), options=None, data=None):
         trained.append(dict(cfg.model))
-        return real_fit(cfg, *args, **kwargs)
+        parent_status.append(mlflow.MlflowClient(sweep["uri"]).get_run(options.parent_run_id).info.status)
+        return real_fit(cfg, tracker, callbacks, options, data=data)
 
     monkeypatch.setattr(densenet_bc, "fit", counting_fit)
     name = "budget"
@@ -250,6 +291,11 @@ def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatc
     assert retrained.data.tags["optuna.trial_number"] == str(best.number)
     assert retrained.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert retrained.data.params["recipe.val_size"] == "0" and "test_acc" in retrained.data.metrics
+    # Retrained before the report: under a RUNNING parent, whose results.txt has the test accuracy.
+    assert parent_status == ["RUNNING"] * len(trained) and parent.info.status == "FINISHED"
+    text = results_txt(sweep["uri"], parent.info.run_id, sweep["tmp"])
+    row = next(line.split() for line in text.splitlines() if line.split()[:1] == [str(best.number)])
+    assert row[-1] == f"{retrained.data.metrics['final_test_acc']:.2f}%" and parent.data.metrics["n_trials"] == 3
     assert all("test_acc" not in r.data.metrics for r in kind(rs, "trial"))
     assert len(trained) == 3 - len(rejected) + 1  # the trials within budget, and the retrain
 
@@ -348,14 +394,15 @@ def _wait_for_running_trial(load, timeout: float = 120.0) -> optuna.trial.Frozen
     raise AssertionError("no trial started training in time")
 
 
-def _assert_recovered(trials: list, killed: list, n: int, rs: list) -> None:
-    """Exactly n trials COMPLETE, each killed one FAILed with its parameters retried, MLflow consistent."""
+def _assert_recovered(trials: list, killed: list, n: int, rs: list, run_status: str = "FAILED") -> None:
+    """Exactly n trials COMPLETE, each killed one FAILed with its parameters retried, MLflow consistent;
+    ``run_status``: how a killed trial's run ended (FAILED when its worker died, KILLED when interrupted)."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == n and len(trials) == n + len(killed)
     assert [t.number for t in trials] == list(range(len(trials)))
     (parent,) = kind(rs, "sweep")
     children = kind(rs, "trial")
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == n  # the retries do not count
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     finished = sorted(int(r.data.tags["optuna.trial_number"]) for r in children if r.info.status == "FINISHED")
     assert finished == [t.number for t in complete]  # one run per trial: none lost, none twice
@@ -364,8 +411,39 @@ def _assert_recovered(trials: list, killed: list, n: int, rs: list) -> None:
         (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
         assert retry.state == TrialState.COMPLETE and retry.params == dead.params
         (run,) = [r for r in children if r.info.run_id == dead.user_attrs[RUN_ATTR]]
-        assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
-        assert retry.user_attrs[RUN_ATTR] != run.info.run_id
+        assert run.info.status == run_status and run.data.tags["optuna.state"] == "FAIL"
+        (retry_run,) = [r for r in children if r.info.run_id == retry.user_attrs[RUN_ATTR]]
+        assert retry_run.info.run_id != run.info.run_id and retry_run.data.tags["optuna.retry_of"] == str(dead.number)
+
+
+@pytest.mark.parametrize("interrupt, rc", [(Interrupted(signal.SIGTERM), 128 + signal.SIGTERM),
+                                           (KeyboardInterrupt(), 130)])
+def test_interrupted_trial_is_queued_again_and_trained_on_rerun(sweep: dict, monkeypatch: pytest.MonkeyPatch,
+                                                                interrupt: BaseException, rc: int) -> None:
+    """SIGTERM or Ctrl-C during the second trial (fit() raises them at a step or epoch boundary): the
+    command stops, the trial is failed and its parameters queued again, and rerunning the command
+    trains them and ends with exactly --trials trials."""
+    real_fit = densenet_bc.fit
+    calls: list[int] = []
+
+    def interrupted_fit(cfg, tracker, callbacks=(), options=None, data=None):
+        calls.append(1)
+
+        def stop(epoch: int, metrics: dict) -> bool:
+            raise interrupt
+
+        return real_fit(cfg, tracker, [*callbacks, stop] if len(calls) == 2 else callbacks, options, data=data)
+
+    monkeypatch.setattr(densenet_bc, "fit", interrupted_fit)
+    argv = [*sweep["argv"], "--storage", sweep["journal"], "--study-name", "interrupt", "--trials", "3",
+            "--pruner", "none"]
+    load = lambda: optuna.load_study(study_name="interrupt", storage=journal(sweep["journal"]))  # noqa: E731
+    assert main(argv) == rc
+    assert [t.state for t in load().trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    victim, queued = load().trials[1:]
+    assert queued.params == victim.params and queued.system_attrs["failed_trial"] == victim.number
+    assert main(argv) == 0
+    _assert_recovered(load().trials, [victim], 3, sweep["runs"](), run_status="KILLED")
 
 
 @pytest.mark.slow
