@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_image_folder, pack_archive
+from tests.helpers import SERVICE_MARKERS, make_image_folder, pack_archive, required_message, services_required
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -17,3 +17,18 @@ def tiny_image_folder_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``experiments.data.load_dataset("cifar10", ...)`` (give cache_dir a tmp_path to keep ~/.cache clean)."""
     tree = make_image_folder(tmp_path_factory.mktemp("tiny_tree"), 20, 5, CIFAR10_CLASSES)
     return pack_archive(tree, tmp_path_factory.mktemp("tiny_data") / "cifar10-tiny.tar.gz")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """With CNN_ZOO_REQUIRE_SERVICES=1, a test marked postgres or browser may not skip (a skipif marker, a
+    fixture's pytest.skip): the skip becomes a failure carrying its reason. Tests should still call
+    ``tests.helpers.service_missing``; this catches the ones that do not."""
+    report = yield
+    service_test = any(item.get_closest_marker(m) for m in SERVICE_MARKERS)
+    if report.skipped and not hasattr(report, "wasxfail") and service_test and services_required():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: {required_message(reason)}"
+    return report

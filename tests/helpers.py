@@ -1,13 +1,37 @@
-"""Plain helpers shared by tests: tiny CIFAR-like image-folder trees and archives of them."""
+"""Plain helpers shared by tests: tiny CIFAR-like image-folder trees and archives of them, and what a test
+does when a service it needs (PostgreSQL, Chromium) is missing."""
 from __future__ import annotations
 
+import os
 import tarfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
+import pytest
 from PIL import Image
+
+# CI (.ci/run) sets CNN_ZOO_REQUIRE_SERVICES=1: a missing service is then a failure, never a skip.
+REQUIRE_SERVICES_ENV = "CNN_ZOO_REQUIRE_SERVICES"
+SERVICE_MARKERS = ("postgres", "browser")  # tests/conftest.py turns any skip of a test marked so into a failure
+
+
+def services_required() -> bool:
+    return os.environ.get(REQUIRE_SERVICES_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def required_message(reason: str) -> str:
+    return (f"{reason} -- {REQUIRE_SERVICES_ENV}=1 (as in CI) requires this service: start it or install it "
+            f"(.ci/run does both), or unset {REQUIRE_SERVICES_ENV} to skip")
+
+
+def service_missing(reason: str) -> NoReturn:
+    """Skip the test because a service is missing, or fail it with ``reason`` when services are required."""
+    if services_required():
+        pytest.fail(required_message(reason), pytrace=False)
+    pytest.skip(reason)
 
 # Class k is a flat colour with R, G = the digits of k in steps of 24: JPEG's few levels of error can
 # never move a pixel to a neighbouring class.

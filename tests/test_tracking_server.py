@@ -20,8 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 import torch
+
+from tests.helpers import service_missing
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress", "--epochs", "1"]
@@ -78,10 +81,11 @@ def server_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(args: list[str], cwd: Path, log: Path) -> Iterator[str]:
-    """``mlflow server ARGS --host 127.0.0.1 --port <free>``; yields its URL once /health answers."""
+def mlflow_server(args: list[str], cwd: Path, log: Path, command: str = "server") -> Iterator[str]:
+    """``mlflow COMMAND ARGS --host 127.0.0.1 --port <free>`` (COMMAND ``server`` or ``ui``); yields its URL
+    once /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", command, *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=server_env(), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,9 +100,9 @@ def mlflow_server(args: list[str], cwd: Path, log: Path) -> Iterator[str]:
             except (urllib.error.URLError, OSError):
                 pass
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"mlflow {command} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health in {SERVER_START_S}s:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"mlflow {command} did not answer /health in {SERVER_START_S}s:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
         yield url
     finally:
@@ -143,7 +147,7 @@ def pg_database() -> Iterator[tuple[str, str]]:
     with socket.socket() as s:
         s.settimeout(3)
         if s.connect_ex((PG_HOST, PG_PORT)) != 0:
-            pytest.skip(f"no PostgreSQL server listens on {PG_HOST}:{PG_PORT}")
+            service_missing(f"no PostgreSQL server listens on {PG_HOST}:{PG_PORT}")
     errors = []
     for user in dict.fromkeys(filter(None, (os.environ.get("PGUSER"), "postgres", "root", getpass.getuser()))):
         try:
@@ -224,6 +228,56 @@ def test_train_against_mlflow_server_on_postgres(tmp_path, tiny_image_folder_arc
             assert cur.fetchall() == [("pg-tiny", "FINISHED")]
     finally:
         conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_sweep_on_postgres_storage_logs_to_mlflow_server(tmp_path, tiny_image_folder_archive, pg_database):
+    """Issue 6: ``--storage postgresql://...`` and ``--tracking-uri http://...`` together. The Optuna study
+    lives in database ``test`` (as in tests/test_sweeps.py), the MLflow server's store in the fresh database:
+    both keep their schema version in a table named alembic_version, so they cannot share one."""
+    from optuna.trial import TrialState
+
+    from sweeps.densenet_bc import RUN_ATTR
+
+    user, dbname = pg_database
+    if dbname == PG_DB:
+        service_missing(f"PostgreSQL user {user!r} may not create a database for MLflow beside Optuna's tables in {PG_DB}")
+    storage = f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{PG_DB}"
+    optuna_url = storage.replace("postgresql://", "postgresql+psycopg2://", 1)  # SQLAlchemy 2.1: bare = psycopg 3
+    study_name, experiment = f"test-server-sweep-{uuid.uuid4().hex[:10]}", f"server-sweep-{uuid.uuid4().hex[:8]}"
+    space = tmp_path / "space.yaml"
+    space.write_text("growth_rate: {low: 8, high: 16, step: 4}\ncompression: {low: 0.5, high: 1.0}\ndepths: [10]\n")
+    args = ["--backend-store-uri", f"postgresql+psycopg2://{user}@{PG_HOST}:{PG_PORT}/{dbname}",
+            "--artifacts-destination", str(tmp_path / "artifacts"), "--allowed-hosts", "127.0.0.1:*,localhost:*"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"CNN_ZOO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        with mlflow_server(args, tmp_path, tmp_path / "server.log") as url:
+            cmd = [sys.executable, str(REPO / "sweeps" / "densenet_bc.py"), "--recipe", "smoke", "--epochs", "1",
+                   "--subset", "64", "--set", "val_size=20", "--device", "cpu",
+                   "--data-dir", str(tiny_image_folder_archive.parent), "--space", str(space),
+                   "--output-dir", str(tmp_path / "outputs"), "--trials", "2", "--pruner", "none",
+                   "--storage", storage, "--study-name", study_name, "--tracking-uri", url, "--experiment", experiment]
+            proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2 * TRAIN_S)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+            client = mlflow.MlflowClient(tracking_uri=url)
+            runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+            (parent,) = [r for r in runs if r.data.tags.get("cnn_zoo.kind") == "sweep"]
+            children = [r for r in runs if r.data.tags.get("cnn_zoo.kind") == "trial"]
+            assert parent.info.status == "FINISHED" and parent.data.tags["optuna.study_name"] == study_name
+            assert parent.data.params["storage"].startswith("postgresql://"), parent.data.params["storage"]
+            assert len(children) == 2 and len(runs) == 3, [(r.info.run_name, r.data.tags.get("cnn_zoo.kind")) for r in runs]
+            assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+            assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in children)
+
+        trials = optuna.load_study(study_name=study_name, storage=optuna_url).trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+        assert {t.user_attrs[RUN_ATTR] for t in trials} == {r.info.run_id for r in children}
+    finally:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=study_name, storage=optuna_url)
 
 
 @pytest.mark.slow
