@@ -50,7 +50,7 @@ import zoo
 from experiments.config import Recipe, apply_overrides, list_recipes, load_recipe
 from experiments.data import NUM_CLASSES, ArrayDataset, DatasetBundle, DeviceLoader, load_dataset
 from experiments.errors import UserError
-from experiments.train import FINITE_CHECK_EVERY, Trainer, resolve_device, seed_everything
+from experiments.train import StepMeter, Trainer, resolve_device, seed_everything, train_loader
 
 DEFAULT_ARCHS = "resnet20,resnet110,densenet_bc,vgg16_bn,inception_v3,bit_r50x1"
 MODES = ("baseline", "harness", "compile")
@@ -303,12 +303,10 @@ def baseline_batches(bundle: DatasetBundle, recipe: Recipe, batch_size: int, dev
 
 def harness_loader(bundle: DatasetBundle, recipe: Recipe, batch_size: int, device: torch.device,
                    channels_last: bool, seed: int) -> DeviceLoader:
-    """The training loader exactly as fit() builds it."""
+    """fit()'s training loader (experiments.train.train_loader), its generator seeded as fit() seeds it."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    padding = recipe.augment.crop_padding if recipe.augment.random_crop else 0
-    return DeviceLoader(bundle.train, batch_size, train=True, crop_padding=padding, hflip=recipe.augment.hflip,
-                        generator=generator, device=device, mean=bundle.mean, std=bundle.std,
+    return train_loader(bundle.train, recipe, batch_size, generator, device=device, mean=bundle.mean, std=bundle.std,
                         channels_last=channels_last)
 
 
@@ -324,26 +322,6 @@ def synthetic_bundle(n: int, dataset: str, seed: int) -> DatasetBundle:
 
 
 # -------------------------------------------------------------------------------------------------- steps
-
-
-class FitStep:
-    """The body of fit()'s training loop (experiments.train._train_epoch): Trainer.train_step, device-side
-    loss and accuracy sums, and the host sync that checks the loss every FINITE_CHECK_EVERY steps."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.loss_sum = torch.zeros((), device=trainer.device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=trainer.device, dtype=torch.int64)
-        self.steps = 0
-        self.finite = True
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        step_loss, step_correct = self.trainer.train_step(x, y)
-        self.loss_sum += step_loss
-        self.correct += step_correct
-        self.steps += 1
-        if self.steps % FINITE_CHECK_EVERY == 0:
-            self.finite &= bool(torch.isfinite(self.loss_sum))
 
 
 def bare_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -413,7 +391,8 @@ def run_mode(mode: str, arch: str, setup: Setup, model_kwargs: dict[str, Any] | 
         batches = _forever(harness_loader(setup.bundle, setup.recipe, setup.batch_size, device, fast, setup.seed))
     else:
         batches = baseline_batches(setup.bundle, setup.recipe, setup.batch_size, device, setup.workers, setup.seed)
-    step = FitStep(trainer)
+    meter = StepMeter(trainer)  # fit()'s step: train_step, device-side sums, periodic loss check
+    step = meter.step
     graphs0, hits0 = _compile_counts()
     sync(device)
     start = time.perf_counter()
@@ -443,7 +422,7 @@ def run_mode(mode: str, arch: str, setup: Setup, model_kwargs: dict[str, Any] | 
         "compile_cache_hits": hits1 - hits0 if compiled else None,
         "amp_bf16": fast,
         "channels_last": fast,
-        "loss_finite": step.finite,
+        "loss_finite": meter.finite,
     }
 
 
@@ -470,7 +449,7 @@ def compare_memory_efficient(setup: Setup) -> dict[str, Any]:
 
 
 def compare_overhead(arch: str, setup: Setup, rounds: int) -> dict[str, Any]:
-    """Harness steps (DeviceLoader + FitStep) against bare steps on pre-built device batches, same model and
+    """Harness steps (DeviceLoader + fit()'s StepMeter) against bare steps on pre-built device batches, same model and
     optimizer, alternated for ``rounds`` rounds; the fastest round of each counts, which discounts
     interference from other processes."""
     device = setup.device
@@ -481,7 +460,7 @@ def compare_overhead(arch: str, setup: Setup, rounds: int) -> dict[str, Any]:
                       channels_last=fast, compile=False)
     batches = _forever(harness_loader(setup.bundle, setup.recipe, setup.batch_size, device, fast, setup.seed))
     prebuilt = [next(batches) for _ in range(min(setup.steps, PREBUILT_BATCHES))]
-    fit_step = FitStep(trainer)
+    fit_step = StepMeter(trainer).step
 
     def bare(x: torch.Tensor, y: torch.Tensor) -> None:
         bare_step(trainer, x, y)

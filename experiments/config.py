@@ -2,13 +2,14 @@
 
 A recipe fully specifies the training protocol (optimizer, schedule, duration, batch size,
 augmentation, label smoothing, data split, evaluation). Its hash covers every field but the
-free-text description, so two runs with the same hash were trained the same way.
+name and the free-text description, so two runs with the same hash were trained the same way.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,9 @@ import yaml
 from experiments.errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+# YAML 1.1 (PyYAML) reads 1e-4 as a string: only 1.0e-4 is a float there.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+MAX_SEED = 2**32  # numpy's legacy seeding takes seeds in [0, 2**32)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class Recipe:
     eval_every: int = 1  # epochs between evaluations; the last epoch is always evaluated
 
     def hash(self) -> str:
-        """12 hex chars over every field except the description: identical recipe => identical hash."""
+        """12 hex chars over every field except name and description: identical recipe => identical hash."""
         content = dataclasses.asdict(self)
         content.pop("description")
         content.pop("name")
@@ -117,6 +121,10 @@ class RunConfig:
     channels_last: bool | None = None  # None = on for CUDA
     compile: bool = False
     output_dir: str = "./outputs"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,9 +196,15 @@ def parse_key_value(text: str, flag: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UserError(f"{flag} expects KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         raise UserError(f"{flag} {key}: cannot parse value {value!r}") from None
+    return key.strip(), _scientific(parsed)
+
+
+def _scientific(value: Any) -> Any:
+    """``"1e-4"`` -> ``1e-4``; every other value unchanged."""
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) else value
 
 
 def build_dataclass(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -244,6 +258,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise UserError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        value = _scientific(value)  # a recipe file's 1e-4
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where} must be a number, got {value!r}")
         return float(value)

@@ -554,6 +554,8 @@ class DeviceLoader:
                             f"= the recipe's batch size)")
         if drop_last is None:
             drop_last = train
+        if train and world > 1 and not drop_last:
+            raise ValueError("a sharded training loader needs drop_last: a short last batch has no equal slices")
         if drop_last and not train:
             raise ValueError("eval mode yields every sample once; drop_last must be False or None")
         if train and drop_last and len(ds) < batch_size:

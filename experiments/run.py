@@ -20,12 +20,14 @@ import yaml
 
 import zoo
 from experiments import checkpoint as ckpt_io
-from experiments.config import RunConfig, apply_overrides, list_recipes, load_recipe, parse_key_value
+from experiments.config import Recipe, RunConfig, apply_overrides, list_recipes, load_recipe, parse_key_value
+from experiments.data import NUM_CLASSES
 from experiments.errors import UserError
-from experiments.tracking import DEFAULT_EXPERIMENT, MlflowTracker, Tracker, default_tracking_uri
-from experiments.train import FitOptions, Interrupted, NonFiniteLoss, fit, saved_config
+from experiments.tracking import DEFAULT_EXPERIMENT, MlflowTracker, Tracker, default_tracking_uri, normalize_uri
+from experiments.train import DistEnv, FitOptions, Interrupted, NonFiniteLoss, fit, saved_config
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+# Defaults of the flags that --resume must tell apart from "not given" (a resumed run keeps its own).
+DEFAULTS = {"data_dir": "./data", "device": "auto", "compile": False}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the zoo and the recipes, then exit")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(NUM_CLASSES), default="cifar10")
-    g.add_argument("--data-dir", default="./data", help="official CIFAR folders, an image-folder tree or an archive (default ./data)")
+    g.add_argument("--data-dir", help="official CIFAR folders, an image-folder tree or an archive (default ./data)")
     g.add_argument("--download", action="store_true", help="let torchvision fetch the official CIFAR files (needs internet)")
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (recipe default 5000)")
     g.add_argument("--subset", type=int, help="train on the class-balanced first N training images")
@@ -59,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--seeds", help="comma list: one run per seed, grouped by a seed_group tag")
     g = p.add_argument_group("device")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when available")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     g = p.add_argument_group("tracking and checkpoints")
     g.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     g.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
@@ -99,7 +101,7 @@ def recipe_given(args: argparse.Namespace) -> bool:
                                               args.val_size, args.subset, args.set))
 
 
-def build_recipe(args: argparse.Namespace, base=None):
+def build_recipe(args: argparse.Namespace, base: Recipe | None = None) -> Recipe:
     recipe = base or load_recipe(args.recipe or "standard")
     shortcuts = {"batch_size": args.batch_size, "optimizer.lr": args.lr, "optimizer.weight_decay": args.weight_decay,
                  "val_size": args.val_size, "subset": args.subset}
@@ -110,19 +112,23 @@ def build_recipe(args: argparse.Namespace, base=None):
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
-def build_configs(args: argparse.Namespace) -> list[RunConfig]:
-    """One RunConfig per (architecture, seed)."""
+def build_configs(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
+    """One RunConfig per (architecture, seed), each with its model's params/FLOPs (checked now, so invalid
+    hyperparameters fail before the first model trains)."""
     if not args.arch:
         raise UserError("--arch is required (or --resume RUN_ID|latest, or --list)")
     recipe = build_recipe(args)
     seeds = [args.seed] if not args.seeds else [_int(s, "--seeds") for s in args.seeds.split(",")]
-    common = dict(dataset=args.dataset, data_dir=args.data_dir, download=args.download, device=args.device,
-                  amp=args.amp, channels_last=args.channels_last, compile=args.compile, output_dir=args.output_dir)
+    common = dict(dataset=args.dataset, download=args.download, amp=args.amp, channels_last=args.channels_last,
+                  output_dir=args.output_dir, **explicit_device_flags(args, DEFAULTS))
     hp = model_args(args)
     configs = [RunConfig(arch=a, recipe=recipe, model=hp, seed=s, **common) for a in resolve_archs(args.arch) for s in seeds]
-    for cfg in configs:  # invalid hyperparameters fail now, not after the first model has trained
-        _check_model(cfg)
-    return configs
+    return [(cfg, _check_model(cfg)) for cfg in configs]
+
+
+def explicit_device_flags(args: argparse.Namespace, fallback: dict) -> dict:
+    """--data-dir, --device and --compile as given, else from ``fallback``."""
+    return {k: getattr(args, k) if getattr(args, k) is not None else fallback[k] for k in DEFAULTS}
 
 
 def _check_model(cfg: RunConfig) -> dict:
@@ -144,17 +150,20 @@ def _int(text: str, flag: str) -> int:
 
 
 def resume_config(args: argparse.Namespace, ckpt: dict) -> RunConfig:
-    """The checkpoint's config, with only what the command line states explicitly replaced."""
+    """The checkpoint's config, with only what the command line states explicitly replaced. Device, data
+    location and the math-preserving speed flags may change; fit() refuses another arch, recipe, model
+    or dataset content unless --force-resume."""
     saved = saved_config(ckpt)
-    if args.arch is None and not recipe_given(args) and not args.model_arg:
-        return RunConfig(**{**saved.__dict__, "device": args.device, "output_dir": args.output_dir})
-    recipe = build_recipe(args, base=None if args.recipe else saved.recipe)
-    return RunConfig(**{**saved.__dict__, "arch": args.arch or saved.arch, "recipe": recipe,
-                        "model": model_args(args) or saved.model, "device": args.device, "output_dir": args.output_dir})
+    changes = {"output_dir": args.output_dir, **explicit_device_flags(args, saved.__dict__)}
+    changes |= {k: getattr(args, k) for k in ("amp", "channels_last") if getattr(args, k) is not None}
+    if args.arch is not None or recipe_given(args) or args.model_arg:
+        changes |= {"arch": args.arch or saved.arch, "recipe": build_recipe(args, base=None if args.recipe else saved.recipe),
+                    "model": model_args(args) or saved.model}
+    return RunConfig(**{**saved.__dict__, **changes})
 
 
 def make_tracker(args: argparse.Namespace, uri: str | None = None) -> Tracker:
-    if args.no_tracking:
+    if args.no_tracking or not DistEnv.from_environ().main:  # under torchrun only rank 0 records
         return Tracker()
     return MlflowTracker(uri or args.tracking_uri or default_tracking_uri(), args.experiment)
 
@@ -171,23 +180,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:  # --- resume one run where its checkpoint left off ---
             ckpt = ckpt_io.load(ckpt_io.find_resume(args.output_dir, args.resume))
             cfg = resume_config(args, ckpt)
-            tracker = Tracker() if ckpt.get("tracking_uri") is None else make_tracker(args, ckpt["tracking_uri"])
+            recorded = ckpt.get("tracking_uri")
+            if args.tracking_uri and normalize_uri(args.tracking_uri) != recorded:
+                raise UserError(f"run {ckpt['run_id']} is recorded in {recorded or 'no tracking store (--no-tracking)'}; "
+                                f"resume it without --tracking-uri")
+            tracker = Tracker() if recorded is None else make_tracker(args, recorded)
             fit(cfg, tracker, options=FitOptions(resume=ckpt, force_resume=args.force_resume,
                                                   progress=False if args.no_progress else None))
             return 0
 
         configs = build_configs(args)  # --- config ---
         if args.dry_run:
-            for cfg in configs:
+            for cfg, info in configs:
                 print(yaml.safe_dump(cfg.to_dict() | {"recipe_hash": cfg.recipe.hash()}, sort_keys=False))
-                info = _check_model(cfg)
                 print(f"# {cfg.arch}: {info['params']:,} trainable params, {info['flops']:,} FLOPs/image "
                       f"({info['flops'] / 1e9:.3f} GFLOPs; 1 MAC = 2 FLOPs)\n")
             return 0
 
         group = uuid.uuid4().hex[:8] if args.seeds else None
-        for cfg in configs:  # --- data -> model -> fit -> record, once per run ---
-            tags = {"cnn_zoo.kind": "train"} | ({"seed_group": f"{cfg.arch}-{cfg.recipe.hash()}-{group}"} if group else {})
+        command = " ".join(["run.py", *(sys.argv[1:] if argv is None else argv)])
+        for cfg, _ in configs:  # --- data -> model -> fit -> record, once per run ---
+            tags = {"cnn_zoo.kind": "train", "command": command}
+            tags |= {"seed_group": f"{cfg.arch}-{cfg.recipe.hash()}-{group}"} if group else {}
             fit(cfg, make_tracker(args), options=FitOptions(
                 run_name=args.run_name or f"{cfg.arch}-{cfg.recipe.name}-s{cfg.seed}", tags=tags,
                 progress=False if args.no_progress else None))

@@ -64,6 +64,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
             if resp.status != 200:
                 raise UserError(f"tracking server {uri} answered HTTP {resp.status} on /health")
+    except urllib.error.HTTPError as e:  # it answers, but not as an MLflow server would
+        raise UserError(f"tracking server {uri} answered HTTP {e.code} on /health; check --tracking-uri and the "
+                        f"server's log") from None
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(f"tracking server {uri} is unreachable ({reason}); start it, fix --tracking-uri, "
@@ -185,10 +188,13 @@ class MlflowTracker(Tracker):
         mlflow.set_tracking_uri(self.uri)
         if run_id is not None:
             try:
-                mlflow.MlflowClient().get_run(run_id)
+                status = mlflow.MlflowClient().get_run(run_id).info.status
             except Exception:
                 raise UserError(f"run {run_id} is not in tracking store {self.uri}; resume with the "
                                 f"--tracking-uri the run was recorded in") from None
+            if status == "FINISHED":  # resuming would only record its results a second time
+                raise UserError(f"run {run_id} has FINISHED; nothing to resume (resume a KILLED or FAILED run, "
+                                f"or start a new one)")
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id,
                                run_name=None if run_id else run_name, tags=tags, parent_run_id=parent_run_id,
                                log_system_metrics=self.system_metrics)

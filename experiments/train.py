@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import math
+import os
 import random
 import signal
 import sys
@@ -39,6 +41,8 @@ from experiments.tracking import Tracker, environment_tags
 EpochCallback = Callable[[int, dict[str, float]], bool | None]
 
 FINITE_CHECK_EVERY = 25  # steps between host syncs that look for a non-finite loss
+# Under torchrun, steps between the collective where ranks agree to stop on a signal (and reseed dropout).
+RANK_SYNC_EVERY = FINITE_CHECK_EVERY
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,8 +119,6 @@ class DistEnv:
 
     @classmethod
     def from_environ(cls) -> "DistEnv":
-        import os
-
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                    int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -201,6 +203,49 @@ class Trainer:
             n += valid
         self.model.train()
         return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+def train_loader(ds: ArrayDataset, recipe: Recipe, batch_size: int, generator: torch.Generator, *,
+                 device: torch.device, mean: Sequence[float], std: Sequence[float], channels_last: bool,
+                 shard: tuple[int, int] = (0, 1)) -> DeviceLoader:
+    """The training batches of fit(): the recipe's crop and flip, on the device, in ``generator``'s order."""
+    padding = recipe.augment.crop_padding if recipe.augment.random_crop else 0
+    return DeviceLoader(ds, batch_size, train=True, crop_padding=padding, hflip=recipe.augment.hflip,
+                        generator=generator, shard=shard, device=device, mean=mean, std=std,
+                        channels_last=channels_last)
+
+
+class StepMeter:
+    """Runs Trainer.train_step and sums loss and correct predictions on the device; the only host sync is
+    a look at the loss sum every FINITE_CHECK_EVERY steps, which clears ``finite`` if it is not."""
+
+    def __init__(self, trainer: Trainer, loss_sum: float = 0.0, correct: int = 0):
+        self.trainer = trainer
+        self.loss_sum = torch.tensor(loss_sum, device=trainer.device, dtype=torch.float64)
+        self.correct = torch.tensor(correct, device=trainer.device, dtype=torch.int64)
+        self.steps = 0
+        self.finite = True
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        step_loss, step_correct = self.trainer.train_step(x, y)
+        self.loss_sum += step_loss
+        self.correct += step_correct
+        self.steps += 1
+        if self.steps % FINITE_CHECK_EVERY == 0:
+            self.finite = self.finite and bool(torch.isfinite(self.loss_sum))
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank must call it)."""
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _rank_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """A seed of its own per rank and resumable position, so ranks draw different dropout masks."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,11 +386,14 @@ def _fit(cfg: RunConfig, tracker: Tracker, callbacks: Sequence[EpochCallback], o
         torch.backends.cudnn.benchmark = True
 
     resume = options.resume
-    if resume is not None:
-        _check_resume_compatible(resume, cfg, options.force_resume)
+    forced = _check_resume_compatible(resume, cfg, options.force_resume) if resume is not None else []
 
     # --- data ---
     bundle = data or load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    if resume is not None and resume.get("data_digest", bundle.digest) != bundle.digest:
+        forced += _refuse_unless_forced(resume, [f"data {bundle.source} (sha256 {bundle.digest[:12]}) is not the data "
+                                                 f"the run trained on ({resume['data_digest'][:12]})"],
+                                        options.force_resume)
     splits = make_splits(bundle, recipe, cfg.seed)
     steps_per_epoch = len(splits.train) // recipe.batch_size
     if steps_per_epoch == 0:
@@ -367,11 +415,8 @@ def _fit(cfg: RunConfig, tracker: Tracker, callbacks: Sequence[EpochCallback], o
 
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    padding = recipe.augment.crop_padding if recipe.augment.random_crop else 0
     loader_kw = dict(device=device, mean=bundle.mean, std=bundle.std, channels_last=channels_last)
-    train_loader = DeviceLoader(splits.train, recipe.batch_size, train=True, crop_padding=padding,
-                                hflip=recipe.augment.hflip, generator=generator, shard=(env.rank, env.world),
-                                **loader_kw)
+    loader = train_loader(splits.train, recipe, recipe.batch_size, generator, shard=(env.rank, env.world), **loader_kw)
     val_loader = DeviceLoader(splits.val, recipe.eval_batch_size, train=False, **loader_kw) if len(splits.val) else None
     test_loader = (DeviceLoader(splits.test, recipe.eval_batch_size, train=False, **loader_kw)
                    if options.evaluate_test else None)
@@ -386,39 +431,44 @@ def _fit(cfg: RunConfig, tracker: Tracker, callbacks: Sequence[EpochCallback], o
         ckpt_io.set_rng_state(resume["rng"], generator)
         state.update({k: resume[k] for k in state})
     state["tracking_uri"] = getattr(tracker, "uri", None)  # so --resume finds the same store
-    run_id = tracker.start(run_id=resume["run_id"] if resume else None, run_name=options.run_name,
-                           tags=None if resume else {**environment_tags(device), **options.tags},
-                           parent_run_id=None if resume else options.parent_run_id)
-    out_dir = ckpt_io.run_dir(cfg.output_dir, run_id)
-    status = "FAILED"
-    try:
-        if resume is None:
-            tracker.log_params(run_params(cfg, bundle, splits, device, amp, channels_last, epochs, total_steps))
-            tracker.log_metrics({"param_count": info["params"], "flops": info["flops"]}, step=0)
-            tracker.log_text(yaml.safe_dump(cfg.to_dict() | {"recipe_hash": recipe.hash()}, sort_keys=False), "config.yaml")
-            tracker.log_text(model_summary(model, info, cfg.arch), "model_summary.txt")
-            for split_name, ds in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
-                if len(ds):
-                    tracker.log_dataset(f"{cfg.dataset}-{split_name}", bundle.digest, bundle.source,
-                                        ds.images, ds.labels, context={"train": "training", "test": "testing"}.get(split_name, split_name))
-        else:
-            # Epochs checkpointed before a crash but never logged are logged now, once.
-            logged = tracker.logged_steps("epoch_seconds")
-            for row in state["history"]:
-                if row["epoch"] not in logged:
-                    tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        say = print if env.main else (lambda *a, **k: None)
-        say(f"[{cfg.arch}] {info['params']:,} params, {info['flops'] / 1e6:,.1f} MFLOPs/image | recipe {recipe.name} "
-              f"({recipe.hash()}) | {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test | "
-              f"{epochs} epochs x {steps_per_epoch} steps | {device.type}{' bf16' if amp else ''}"
-              f"{f' x {env.world} processes' if env.world > 1 else ''} | run {run_id}",
-              flush=True)
+    state["data_digest"] = bundle.digest
+    say = print if env.main else (lambda *a, **k: None)
+    # SIGTERM / Ctrl-C from here on only set a flag: the run always ends KILLED with a usable checkpoint.
+    with graceful_signals() as pending:
+        run_id = tracker.start(run_id=resume["run_id"] if resume else None, run_name=options.run_name,
+                               tags=None if resume else {**environment_tags(device), **options.tags},
+                               parent_run_id=None if resume else options.parent_run_id)
+        out_dir = ckpt_io.run_dir(cfg.output_dir, run_id)
+        status = "FAILED"
+        try:
+            if resume is None:
+                tracker.log_params(run_params(cfg, bundle, splits, device, amp, channels_last, epochs, total_steps))
+                tracker.log_metrics({"param_count": info["params"], "flops": info["flops"]}, step=0)
+                tracker.log_text(yaml.safe_dump(cfg.to_dict() | {"recipe_hash": recipe.hash()}, sort_keys=False),
+                                 "config.yaml")
+                tracker.log_text(model_summary(model, info, cfg.arch), "model_summary.txt")
+                for split_name, ds in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+                    if len(ds):
+                        tracker.log_dataset(f"{cfg.dataset}-{split_name}", bundle.digest, bundle.source, ds.images,
+                                            ds.labels, context={"train": "training", "test": "testing"}.get(split_name,
+                                                                                                          split_name))
+            else:
+                if forced:
+                    tracker.set_tags({"forced_resume": "; ".join(forced)})
+                # Epochs checkpointed before a crash but never logged are logged now, once.
+                logged = tracker.logged_steps("epoch_seconds")
+                for row in state["history"]:
+                    if row["epoch"] not in logged:
+                        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            say(f"[{cfg.arch}] {info['params']:,} params, {info['flops'] / 1e6:,.1f} MFLOPs/image | recipe {recipe.name} "
+                f"({recipe.hash()}) | {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test | "
+                f"{epochs} epochs x {steps_per_epoch} steps | {device.type}{' bf16' if amp else ''}"
+                f"{f' x {env.world} processes' if env.world > 1 else ''} | run {run_id}", flush=True)
 
-        stopped = False
-        with graceful_signals() as pending:
+            stopped = False
             for epoch in range(state["epoch"] + 1, epochs + 1):
                 epoch_steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
-                train_metrics = _train_epoch(trainer, train_loader, generator, epoch, epochs, epoch_steps,
+                train_metrics = _train_epoch(trainer, loader, generator, epoch, epochs, epoch_steps,
                                              state, out_dir, cfg, pending, options.progress, env)
                 row = {"epoch": epoch, **train_metrics, "lr": trainer.scheduler.get_last_lr()[0]}
                 if epoch % recipe.eval_every == 0 or epoch == epochs:
@@ -444,39 +494,46 @@ def _fit(cfg: RunConfig, tracker: Tracker, callbacks: Sequence[EpochCallback], o
                 if any(cb(epoch, row) for cb in callbacks):
                     stopped = True
                     break
+            if pending:  # arrived after the last step: the final checkpoint is complete, --resume records the rest
+                raise Interrupted(pending[0])
 
-        summary = _summary(state, info)
-        tracker.log_metrics(summary, step=0)
-        if stopped:
-            tracker.set_tags({"stop_reason": "callback"})
-        if options.log_checkpoints:
-            for name in (ckpt_io.BEST, ckpt_io.LAST):
-                if (out_dir / name).exists():
-                    tracker.log_artifact(out_dir / name, "checkpoints")
-        if options.log_model and not stopped:
-            tracker.log_model(copy.deepcopy(trainer.model).cpu().float().eval(), (3, 32, 32))
-        status = "KILLED" if stopped else "FINISHED"
-        return FitResult(run_id, status, state["history"], summary, out_dir, stopped_early=stopped)
-    except Interrupted as e:
-        status = "KILLED"
-        if env.main:
+            summary = _summary(state, info)
+            tracker.log_metrics({k: v for k, v in summary.items() if k not in ("param_count", "flops")}, step=0)
+            if stopped:
+                tracker.set_tags({"stop_reason": "callback"})
+            if options.log_checkpoints:
+                for name in (ckpt_io.BEST, ckpt_io.LAST):
+                    if (out_dir / name).exists():
+                        tracker.log_artifact(out_dir / name, "checkpoints")
+            if options.log_model and not stopped:
+                tracker.log_model(copy.deepcopy(trainer.model).cpu().float().eval(), (3, 32, 32))
+            status = "KILLED" if stopped else "FINISHED"
+            return FitResult(run_id, status, state["history"], summary, out_dir, stopped_early=stopped)
+        except Interrupted as e:
+            status = "KILLED"
+            if env.main:
                 print(f"\n[{cfg.arch}] {e} received: checkpoint written to {out_dir / ckpt_io.LAST}; "
-                  f"resume with --resume {run_id}", file=sys.stderr, flush=True)
-        raise
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except NonFiniteLoss as e:
-        tracker.set_tags({"failure": str(e)})
-        raise
-    finally:
-        tracker.end(status)
+                      f"resume with --resume {run_id}", file=sys.stderr, flush=True)
+            raise
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except NonFiniteLoss as e:
+            tracker.set_tags({"failure": str(e)})
+            raise
+        finally:
+            tracker.end(status)
 
 
 def _train_epoch(trainer: Trainer, loader: DeviceLoader, generator: torch.Generator, epoch: int, epochs: int,
                  steps: int, state: dict[str, Any], out_dir: Path, cfg: RunConfig, pending: list[int],
                  progress: bool | None, env: DistEnv) -> dict[str, float]:
-    """Train one epoch; on SIGTERM/Ctrl-C write a mid-epoch checkpoint from which resume is exact."""
+    """Train one epoch; on SIGTERM/Ctrl-C write a mid-epoch checkpoint from which resume is exact.
+
+    Under torchrun the ranks decide together, every RANK_SYNC_EVERY steps, whether a signal stops them (so
+    all stop at the same step) and reseed their global RNG there, each with its own seed (so dropout masks
+    differ between ranks and a resume at such a step draws the same masks as an uninterrupted run).
+    """
     partial = state.pop("partial", None)
     state["partial"] = None
     if partial is None:
@@ -485,15 +542,13 @@ def _train_epoch(trainer: Trainer, loader: DeviceLoader, generator: torch.Genera
     else:
         generator.set_state(partial["data_state"])
     bs = loader.batch_size
-    loss_sum = torch.tensor(partial["loss_sum"], device=trainer.device, dtype=torch.float64)
-    correct = torch.tensor(partial["correct"], device=trainer.device, dtype=torch.int64)
+    meter = StepMeter(trainer, partial["loss_sum"], partial["correct"])
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=steps * bs, initial=partial["step"] * bs, unit="img", unit_scale=True, leave=False,
                disable=not show, desc=f"{cfg.arch} {epoch}/{epochs}", dynamic_ncols=True)
     trainer.model.train()
-    resume_rng = partial.get("torch_rng")
+    resume_rng = partial.get("torch_rng") if env.world == 1 else None
     t0 = time.perf_counter()
-    step = 0
     for step, (x, y) in enumerate(loader):
         if step >= steps:
             break
@@ -502,19 +557,24 @@ def _train_epoch(trainer: Trainer, loader: DeviceLoader, generator: torch.Genera
         if resume_rng is not None:
             torch.set_rng_state(resume_rng)  # the global RNG (dropout) as it was at the interruption
             resume_rng = None
-        if pending:
+        if env.world == 1:
+            stop = bool(pending)
+        elif step % RANK_SYNC_EVERY == 0:
+            stop = _any_rank(bool(pending), trainer.device)
+            torch.manual_seed(_rank_seed(cfg.seed, env.rank, epoch, step))
+        else:
+            stop = False
+        if stop:
             elapsed = partial["seconds"] + time.perf_counter() - t0
-            state["partial"] = {**partial, "step": step, "loss_sum": loss_sum.item(), "correct": correct.item(),
-                                "seconds": elapsed, "torch_rng": torch.get_rng_state()}
+            state["partial"] = {**partial, "step": step, "loss_sum": meter.loss_sum.item(),
+                                "correct": meter.correct.item(), "seconds": elapsed, "torch_rng": torch.get_rng_state()}
             state["elapsed"] += time.perf_counter() - t0
             if env.main:
                 _save_last(trainer, generator, state, cfg, out_dir.name, out_dir)
             bar.close()
-            raise Interrupted(pending[0])
-        step_loss, step_correct = trainer.train_step(x, y)
-        loss_sum += step_loss
-        correct += step_correct
-        if (step + 1) % FINITE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+            raise Interrupted(pending[0] if pending else signal.SIGTERM)  # a rank without the signal stops too
+        meter.step(x, y)
+        if not meter.finite:
             raise NonFiniteLoss(f"non-finite training loss at epoch {epoch} step {step + 1}; "
                                 f"lower the learning rate (--lr) or check the data")
         bar.update(bs)
@@ -524,13 +584,13 @@ def _train_epoch(trainer: Trainer, loader: DeviceLoader, generator: torch.Genera
     seconds = partial["seconds"] + time.perf_counter() - t0
     state["elapsed"] += time.perf_counter() - t0
     if env.world > 1:  # each rank saw its shard of every global batch
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(correct)
-    total = loss_sum.item()
+        dist.all_reduce(meter.loss_sum)
+        dist.all_reduce(meter.correct)
+    total = meter.loss_sum.item()
     if not math.isfinite(total):
         raise NonFiniteLoss(f"non-finite training loss in epoch {epoch}; lower the learning rate (--lr) or check the data")
     n = steps * bs
-    return {"train_loss": total / n, "train_acc": 100.0 * correct.item() / n, "epoch_seconds": seconds,
+    return {"train_loss": total / n, "train_acc": 100.0 * meter.correct.item() / n, "epoch_seconds": seconds,
             "images_per_second": n / seconds if seconds > 0 else 0.0}
 
 
@@ -546,11 +606,12 @@ def _save_last(trainer: Trainer, generator: torch.Generator, state: dict[str, An
         "recipe_hash": cfg.recipe.hash(),
         "config": cfg.to_dict(),
         **{k: state.get(k) for k in ("epoch", "history", "best_val_acc", "best_epoch", "best_test_acc", "elapsed", "partial",
-                                     "tracking_uri")},
+                                     "tracking_uri", "data_digest")},
     }, out_dir / ckpt_io.LAST)
 
 
-def _check_resume_compatible(resume: dict[str, Any], cfg: RunConfig, force: bool) -> None:
+def _check_resume_compatible(resume: dict[str, Any], cfg: RunConfig, force: bool) -> list[str]:
+    """Refuse to continue a run under another architecture, recipe or model; returns what --force-resume let through."""
     saved = resume["config"]
     problems = []
     if resume["arch"] != cfg.arch:
@@ -559,8 +620,13 @@ def _check_resume_compatible(resume: dict[str, Any], cfg: RunConfig, force: bool
         problems.append(f"recipe {saved['recipe']['name']} ({resume['recipe_hash']}) != {cfg.recipe.name} ({cfg.recipe.hash()})")
     if saved.get("model", {}) != cfg.model:
         problems.append(f"model hyperparameters {saved.get('model')} != {cfg.model}")
+    return _refuse_unless_forced(resume, problems, force)
+
+
+def _refuse_unless_forced(resume: dict[str, Any], problems: list[str], force: bool) -> list[str]:
     if problems and not force:
         raise UserError(f"refusing to resume run {resume['run_id']}: {'; '.join(problems)} (add --force-resume to override)")
+    return problems
 
 
 def saved_config(resume: dict[str, Any]) -> RunConfig:

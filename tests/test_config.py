@@ -52,6 +52,17 @@ def test_overrides_coerce_types():
     r = apply_overrides(load_recipe("standard"), ["optimizer.lr=1", "schedule.milestones=[0.3, 0.6]", "subset=100"])
     assert r.optimizer.lr == 1.0 and isinstance(r.optimizer.lr, float)
     assert r.schedule.milestones == (0.3, 0.6) and r.subset == 100
+    # YAML 1.1 reads 1e-4 as a string; overrides and recipe files take it as a number (int fields stay strict).
+    assert apply_overrides(r, ["optimizer.weight_decay=1e-4"]).optimizer.weight_decay == 1e-4
+    with pytest.raises(UserError, match="must be an integer"):
+        apply_overrides(r, ["epochs=1e2"])
+
+
+def test_recipe_file_scientific_notation(tmp_path):
+    path = tmp_path / "sci.yaml"
+    path.write_text("optimizer: {weight_decay: 5e-4, lr: 1E-1}\n")
+    recipe = load_recipe(str(path))
+    assert (recipe.optimizer.weight_decay, recipe.optimizer.lr) == (5e-4, 0.1)
 
 
 def test_recipe_file_errors(tmp_path):

@@ -455,6 +455,25 @@ def test_train_epochs_cover_samples_reshuffle_and_replay_from_generator_state() 
     torch.testing.assert_close(epoch1[0][0], expected, rtol=0, atol=1e-5)
 
 
+def test_rank_shards_together_are_the_single_process_batches() -> None:
+    """torchrun: each rank's slice of every global batch, drawn with the same generator seed, concatenates
+    to exactly the batch one process would train on (pixels and labels)."""
+    ds = ids_dataset(50)
+    single = list(DeviceLoader(ds, 12, torch.device("cpu"), MEAN, STD, train=True,
+                               generator=torch.Generator().manual_seed(3)))
+    shards = [list(DeviceLoader(ds, 12, torch.device("cpu"), MEAN, STD, train=True, shard=(rank, 3),
+                                generator=torch.Generator().manual_seed(3))) for rank in range(3)]
+    assert [len(s) for s in shards] == [len(single)] * 3
+    for b, (x, y) in enumerate(single):
+        assert all(len(s[b][1]) == 4 for s in shards)
+        torch.testing.assert_close(torch.cat([s[b][0] for s in shards]), x, rtol=0, atol=0)
+        assert torch.cat([s[b][1] for s in shards]).tolist() == y.tolist()
+    with pytest.raises(UserError, match="must be divisible by the 5 processes"):
+        DeviceLoader(ds, 12, torch.device("cpu"), MEAN, STD, train=True, shard=(0, 5))
+    with pytest.raises(ValueError, match="needs drop_last"):
+        DeviceLoader(ds, 12, torch.device("cpu"), MEAN, STD, train=True, shard=(0, 3), drop_last=False)
+
+
 def test_train_without_drop_last_and_without_augmentation() -> None:
     ds = ids_dataset(25)
     loader = DeviceLoader(ds, 10, torch.device("cpu"), MEAN, STD, train=True, crop_padding=0, hflip=False,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +15,12 @@ import pytest
 import torch
 
 from experiments import checkpoint as ckpt_io
-from experiments.config import RunConfig, load_recipe
+from experiments.config import RunConfig, apply_overrides, load_recipe
 from experiments.run import main
-from experiments.train import Trainer
+from experiments.tracking import MlflowTracker, default_tracking_uri
+from experiments.train import FitOptions, Interrupted, Trainer, fit
+from tests.conftest import CIFAR10_CLASSES
+from tests.helpers import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress"]
@@ -77,7 +82,9 @@ def test_run_records_everything_in_mlflow(workdir):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt", "checkpoints/last.pt"}
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp))
     assert "recipe_hash: " + recipe.hash() in Path(config).read_text()
-    assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    example = mlflow.models.Model.load(logged.model_uri).load_input_example(logged.model_uri)
+    assert example.shape == (2, 3, 32, 32)
     inputs = run.inputs.dataset_inputs
     assert {i.dataset.name for i in inputs} == {"cifar10-train", "cifar10-validation", "cifar10-test"}
 
@@ -229,6 +236,8 @@ def test_resume_with_other_arch_or_recipe_is_refused(workdir, capsys):
     (["--arch", "resnet20", "--model-arg", "width=3"], "no hyperparameter 'width'"),
     (["--arch", "resnet20", "--data-dir", "/nonexistent/data"], "/nonexistent/data"),
     (["--resume", "0123abc"], "no checkpoint"),
+    (["--arch", "resnet20", "--seed", "-1"], "seed must be an integer in [0, 2**32), got -1"),
+    (["--arch", "resnet20", "--seeds", "0,4294967296"], "seed must be an integer in [0, 2**32)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, message):
     assert main([*argv, "--no-tracking"]) == 2
@@ -260,6 +269,79 @@ def test_aux_classifier_losses_are_weighted():
     loss, logits = trainer.loss((main_logits, aux), y)
     ce = torch.nn.functional.cross_entropy
     assert torch.allclose(loss, ce(main_logits, y) + recipe.aux_loss_weight * ce(aux, y)) and logits is main_logits
+
+
+def test_scientific_notation_in_overrides(capsys):
+    """YAML 1.1 reads 1e-4 as a string; --set and --model-arg take it as the number a user means."""
+    assert main(["--arch", "densenet_bc", "--set", "optimizer.weight_decay=1e-4", "--model-arg", "compression=5e-1",
+                 "--depth", "40", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "weight_decay: 0.0001" in out and "compression: 0.5" in out
+
+
+def test_resume_of_finished_run_is_refused_and_changes_nothing(workdir, capsys):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "1"]) == 0
+    client, (run,) = _runs(tmp)
+    metrics_before = {k: len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+    capsys.readouterr()
+    assert main(["--resume", "latest", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: run {run.info.run_id} has FINISHED; nothing to resume (resume a KILLED or FAILED run, or start a new one)"
+    _, (after,) = _runs(tmp)
+    assert {k: len(client.get_metric_history(run.info.run_id, k)) for k in after.data.metrics} == metrics_before
+    assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
+
+
+def test_signal_after_the_last_epoch_ends_killed_and_resume_completes_the_record(workdir, capsys):
+    """A SIGTERM while the results are being recorded still ends the run KILLED (never RUNNING); --resume
+    then records the summary, checkpoints and model without training again."""
+    tmp, data_dir = workdir
+    cfg = RunConfig(arch="resnet20", recipe=apply_overrides(load_recipe("smoke"), {"epochs": 1}), data_dir=str(data_dir))
+
+    def terminate_after_last_epoch(epoch: int, row: dict) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled as a flag: fit() notices it after the epoch loop
+
+    tracker = MlflowTracker(default_tracking_uri(), "cnn-zoo")
+    with pytest.raises(Interrupted):
+        fit(cfg, tracker, callbacks=[terminate_after_last_epoch], options=FitOptions(progress=False))
+    client, (run,) = _runs(tmp)
+    assert run.info.status == "KILLED" and "final_test_acc" not in run.data.metrics
+    assert main(["--resume", run.info.run_id, "--no-progress"]) == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "final_test_acc" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]  # not trained again
+
+
+def test_resume_takes_device_and_data_flags_and_refuses_other_data(workdir, tmp_path_factory, capsys):
+    tmp, data_dir = workdir
+    assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "2", "--no-tracking"]) == 0
+    (run_dir,) = (tmp / "outputs" / "checkpoints").glob("*")
+    ckpt = ckpt_io.load(run_dir / "last.pt")
+    ckpt["epoch"], ckpt["history"] = 1, ckpt["history"][:1]  # pretend epoch 2 never ran
+    torch.save(ckpt, run_dir / "last.pt")
+    before = (run_dir / "last.pt").read_bytes()
+    other = make_image_folder(tmp_path_factory.mktemp("other"), 20, 5, CIFAR10_CLASSES, fmt="jpg")
+    capsys.readouterr()
+    assert main(["--resume", run_dir.name, "--data-dir", str(other), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "is not the data the run trained on" in err and len(err.splitlines()) == 1
+    assert (run_dir / "last.pt").read_bytes() == before
+    moved = tmp / "moved"
+    shutil.copytree(data_dir, moved)  # the same archive somewhere else: accepted
+    assert main(["--resume", run_dir.name, "--data-dir", str(moved), "--device", "cpu", "--no-progress"]) == 0
+    assert ckpt_io.load(run_dir / "last.pt")["config"]["data_dir"] == str(moved)
+
+
+def test_progress_bar_shows_rate_and_eta_on_request(workdir, capsys):
+    tmp, data_dir = workdir
+    cfg = RunConfig(arch="resnet20", recipe=apply_overrides(load_recipe("smoke"), {"epochs": 1}), data_dir=str(data_dir))
+    fit(cfg, options=FitOptions(progress=True, log_model=False))
+    err = capsys.readouterr().err
+    assert re.search(r"resnet20 1/1: +\d+%.*img/s\]", err), err  # tqdm: percent, rate ...
+    assert re.search(r"<\d\d:\d\d", err), err  # ... and the ETA
+    fit(cfg, options=FitOptions(progress=None, log_model=False))  # stderr is not a terminal here: no bar
+    assert "img/s]" not in capsys.readouterr().err
 
 
 def test_runconfig_roundtrip():
