@@ -303,7 +303,8 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def graceful_signals() -> Iterator[list[int]]:
-    """SIGTERM and the first Ctrl-C only set a flag, checked between steps; a second Ctrl-C aborts."""
+    """SIGTERM, SIGHUP (the terminal or SSH session closed) and the first Ctrl-C only set a flag, checked
+    between steps; a second Ctrl-C aborts."""
     pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield pending
@@ -314,7 +315,7 @@ def graceful_signals() -> Iterator[list[int]]:
             raise KeyboardInterrupt
         pending.append(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield pending
     finally:

@@ -293,18 +293,20 @@ def test_resume_of_finished_run_is_refused_and_changes_nothing(workdir, capsys):
     assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
 
 
-def test_signal_after_the_last_epoch_ends_killed_and_resume_completes_the_record(workdir, capsys):
-    """A SIGTERM while the results are being recorded still ends the run KILLED (never RUNNING); --resume
-    then records the summary, checkpoints and model without training again."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_after_the_last_epoch_ends_killed_and_resume_completes_the_record(workdir, capsys, signum):
+    """A SIGTERM, or the SIGHUP of a closed terminal, while the results are being recorded still ends the
+    run KILLED (never RUNNING); --resume then records the summary, checkpoints and model without training."""
     tmp, data_dir = workdir
     cfg = RunConfig(arch="resnet20", recipe=apply_overrides(load_recipe("smoke"), {"epochs": 1}), data_dir=str(data_dir))
 
-    def terminate_after_last_epoch(epoch: int, row: dict) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)  # handled as a flag: fit() notices it after the epoch loop
+    def signal_after_last_epoch(epoch: int, row: dict) -> None:
+        os.kill(os.getpid(), signum)  # handled as a flag: fit() notices it after the epoch loop
 
     tracker = MlflowTracker(default_tracking_uri(), "cnn-zoo")
-    with pytest.raises(Interrupted):
-        fit(cfg, tracker, callbacks=[terminate_after_last_epoch], options=FitOptions(progress=False))
+    with pytest.raises(Interrupted) as stopped:
+        fit(cfg, tracker, callbacks=[signal_after_last_epoch], options=FitOptions(progress=False))
+    assert stopped.value.signum == signum
     client, (run,) = _runs(tmp)
     assert run.info.status == "KILLED" and "final_test_acc" not in run.data.metrics
     assert main(["--resume", run.info.run_id, "--no-progress"]) == 0
