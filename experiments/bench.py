@@ -50,7 +50,8 @@ import zoo
 from experiments.config import Recipe, apply_overrides, list_recipes, load_recipe
 from experiments.data import NUM_CLASSES, ArrayDataset, DatasetBundle, DeviceLoader, load_dataset
 from experiments.errors import UserError
-from experiments.train import StepMeter, Trainer, resolve_device, seed_everything, train_loader
+from experiments.train import (StepMeter, Trainer, resolve_device, retain_freed_memory, seed_everything,
+                               train_loader)
 
 DEFAULT_ARCHS = "resnet20,resnet110,densenet_bc,vgg16_bn,inception_v3,bit_r50x1"
 MODES = ("baseline", "harness", "compile")
@@ -606,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"batch size {recipe.batch_size} exceeds the {len(bundle.train)} training images")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as fit() does, for every mode
+        else:
+            retain_freed_memory()  # as fit() does; process-wide, so the baseline's steps gain from it too
         workers = args.workers if args.workers is not None else min(8, _cores())
         setup = Setup(bundle, recipe, device, recipe.batch_size, args.steps, args.warmup, workers, args.seed)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import hashlib
 import math
@@ -103,6 +104,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of unmapping it (CPU training, process-wide).
+
+    By default every activation above 128 KiB is its own mmap, returned to the kernel when freed and
+    faulted in page by page at the next step: on a 2-core CPU that spent about 40% of a DenseNet sweep's
+    CPU time in the kernel. Heap-only allocation without trimming reuses the pages; the arithmetic is
+    untouched. Returns False where there is no glibc (nothing changes).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 @dataclass(frozen=True)
@@ -385,6 +404,8 @@ def _fit(cfg: RunConfig, tracker: Tracker, callbacks: Sequence[EpochCallback], o
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        retain_freed_memory()
 
     resume = options.resume
     forced = _check_resume_compatible(resume, cfg, options.force_resume) if resume is not None else []
