@@ -344,7 +344,7 @@ def _sweep_front(ax: Axes, done: pd.DataFrame, cmap, norm: Normalize) -> None:
     ax.step(front["param_count"], front["best_val_acc"], where="post", color="0.25", linewidth=1.3, zorder=2,
             gid="pareto")
     for _, trial in front.iterrows():
-        ax.annotate(f"k={trial[K]:g}, θ={trial[THETA]:g}", (trial["param_count"], trial["best_val_acc"]),
+        ax.annotate(f"k={trial[K]:g}, θ={trial[THETA]:.2f}", (trial["param_count"], trial["best_val_acc"]),
                     xytext=(4, -10), textcoords="offset points", fontsize=6.5, color="0.3")
     default = done[_is_default(done)]
     ax.scatter(default["param_count"], default["best_val_acc"], s=240, facecolors="none", edgecolors=HIGHLIGHT,
