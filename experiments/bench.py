@@ -21,7 +21,6 @@ over the matrix-multiply rate measured at start-up (bf16 on CUDA, fp32 on the CP
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import itertools
@@ -50,8 +49,8 @@ import zoo
 from experiments.config import Recipe, apply_overrides, list_recipes, load_recipe
 from experiments.data import NUM_CLASSES, ArrayDataset, DatasetBundle, DeviceLoader, load_dataset
 from experiments.errors import UserError
-from experiments.train import (StepMeter, Trainer, resolve_device, retain_freed_memory, seed_everything,
-                               train_loader)
+from experiments.train import (StepMeter, Trainer, release_freed_memory, resolve_device, retain_freed_memory,
+                               seed_everything, train_loader)
 
 DEFAULT_ARCHS = "resnet20,resnet110,densenet_bc,vgg16_bn,inception_v3,bit_r50x1"
 MODES = ("baseline", "harness", "compile")
@@ -191,7 +190,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif cpu_peak_memory_supported():
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            release_freed_memory()
             Path("/proc/self/clear_refs").write_text("5")
             self.base = _proc_status_kib("VmRSS")
 

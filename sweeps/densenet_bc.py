@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
@@ -448,6 +449,24 @@ def run_workers(args: argparse.Namespace) -> list[int]:
     return [p.exitcode for p in procs]
 
 
+def worker_failures(codes: list[int], complete: bool) -> str | None:
+    """One line on the workers that ended badly (None if none did): a warning when the study still reached
+    --trials (a dead worker's trial is failed and trained again by the others), an error otherwise."""
+    bad = []
+    for i, code in enumerate(codes):
+        if code and code < 0:  # multiprocessing: -N means killed by signal N
+            bad.append(f"worker {i} was killed by {signal.Signals(-code).name}"
+                       + (" (as the kernel's out-of-memory killer does: see dmesg; fewer --workers need less memory)"
+                          if -code == signal.SIGKILL else ""))
+        elif code:
+            bad.append(f"worker {i} exited with code {code}")
+    if not bad:
+        return None
+    if complete:
+        return f"warning: {'; '.join(bad)}; the other workers completed the study"
+    return f"error: {'; '.join(bad)}; rerun the same command to resume the study"
+
+
 # ----------------------------------------------------------------------------------------------
 # Results: table, plots, retraining
 # ----------------------------------------------------------------------------------------------
@@ -638,13 +657,14 @@ def main(argv: list[str] | None = None) -> int:
             work(s, storage, study, data)
         else:
             codes = run_workers(args)
-            if any(codes):
-                print(f"error: {'; '.join(f'worker {i} exited with {c}' for i, c in enumerate(codes) if c)}",
-                      file=sys.stderr)
             if 2 in codes:  # a UserError, already printed by the worker
                 return 2
+            complete = n_done(study.get_trials(deepcopy=False)) >= args.trials
+            line = worker_failures(codes, complete)
+            if line:
+                print(line, file=sys.stderr)
             # Still report (and finish) the study: the other workers may have completed it.
-            return finish(s, storage, study, data, parent_run_id) or int(any(codes))
+            return finish(s, storage, study, data, parent_run_id) or int(not complete)
         return finish(s, storage, study, data, parent_run_id)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -352,25 +352,33 @@ def test_runconfig_roundtrip():
     assert saved_config({"config": cfg.to_dict()}) == cfg
 
 
-def test_retain_freed_memory_stops_refaulting_big_allocations():
+def test_retain_freed_memory_stops_refaulting_big_allocations_and_release_gives_it_back():
     """After retain_freed_memory(), a freed 128 MB buffer is reused rather than unmapped and faulted in
-    again: the second round of allocations costs (almost) no new page faults. In a fresh process."""
+    again: the second round of allocations costs (almost) no new page faults. The freed buffer stays
+    resident until release_freed_memory() hands it back. In a fresh process."""
     code = """
 import resource, torch
-from experiments.train import retain_freed_memory
+from experiments.train import release_freed_memory, retain_freed_memory
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(32_000_000)  # 128 MB, written, then freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+def rss_mib():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+    return int(line.split()[1]) // 1024
+
 faults(); default = faults()
 assert retain_freed_memory()
 faults(); retained = faults()
-print(default, retained)
+held = rss_mib()
+assert release_freed_memory()
+print(default, retained, held - rss_mib())
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    default, retained = map(int, proc.stdout.split())
+    default, retained, released_mib = map(int, proc.stdout.split())
     assert default > 1000 and retained < default / 20, (default, retained)
+    assert released_mib >= 100, released_mib  # the freed 122 MiB buffer left the resident set

@@ -468,6 +468,39 @@ def test_killed_sweep_resumes_with_two_journal_workers(sweep: dict) -> None:
 
 
 @pytest.mark.slow
+def test_worker_killed_like_the_oom_killer_is_a_warning_when_the_others_complete_the_study(sweep: dict) -> None:
+    """--workers 2, one worker SIGKILLed mid-trial (what the out-of-memory killer does): the other fails
+    and retrains its trial, the study ends with exactly --trials, and the command exits 0 with a warning."""
+    cmd = [sys.executable, str(SCRIPT), *sweep["argv"], "--epochs", "2", "--storage", sweep["journal"],
+           "--study-name", "oom", "--trials", "4", "--pruner", "none", "--workers", "2"]
+    load = lambda: optuna.load_study(study_name="oom", storage=journal(sweep["journal"]))  # noqa: E731
+    proc = subprocess.Popen(cmd, env=sweep["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=sweep["tmp"])
+    try:
+        victim = _wait_for_running_trial(load)
+        os.kill(victim.user_attrs[WORKER_ATTR]["pid"], signal.SIGKILL)  # a worker process, not the command
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "warning: worker" in err and "was killed by SIGKILL" in err, err[-3000:]
+    assert "the other workers completed the study" in err
+    _assert_recovered(load().trials, [victim], 4, sweep["runs"]())
+
+
+@pytest.mark.parametrize(("codes", "complete", "line"), [
+    ([0, 0], True, None),
+    ([0, -9], True, "warning: worker 1 was killed by SIGKILL (as the kernel's out-of-memory killer does: see dmesg; "
+                    "fewer --workers need less memory); the other workers completed the study"),
+    ([143, 0], False, "error: worker 0 exited with code 143; rerun the same command to resume the study"),
+    ([-15, 1], False, "error: worker 0 was killed by SIGTERM; worker 1 exited with code 1; rerun the same command to "
+                      "resume the study"),
+])
+def test_worker_failures_line(codes: list[int], complete: bool, line: str | None) -> None:
+    assert densenet_bc.worker_failures(codes, complete) == line
+
+
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_postgres_commands_share_a_study_and_retry_a_killed_worker(sweep: dict, pg_study: str) -> None:
     """Two commands against one PostgreSQL study (as on two machines); one is killed mid-trial, the
