@@ -10,6 +10,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -106,6 +107,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def retain_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of unmapping it (CPU training, process-wide).
 
@@ -114,11 +125,8 @@ def retain_freed_memory() -> bool:
     CPU time in the kernel. Heap-only allocation without trimming reuses the pages; the arithmetic is
     untouched. Returns False where there is no glibc (nothing changes).
     """
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
@@ -131,12 +139,10 @@ def release_freed_memory() -> bool:
     worker between trials, or waiting for the other worker) keeps its largest model's peak resident. Two
     sweep workers on 24 GiB were OOM-killed that way.
     """
-    if sys.platform != "linux":
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        return False
+    libc.malloc_trim(0)
     return True
 
 
@@ -407,6 +413,8 @@ def fit(cfg: RunConfig, tracker: Tracker | None = None, callbacks: Sequence[Epoc
     options = options or FitOptions()
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
+    if device.type == "cpu":
+        retain_freed_memory()
     try:
         with process_group(env, device):
             return _fit(cfg, tracker or Tracker(), callbacks, options, data, env, device)
@@ -424,8 +432,6 @@ def _fit(cfg: RunConfig, tracker: Tracker, callbacks: Sequence[EpochCallback], o
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    else:
-        retain_freed_memory()
 
     resume = options.resume
     forced = _check_resume_compatible(resume, cfg, options.force_resume) if resume is not None else []
