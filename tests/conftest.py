@@ -5,10 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SERVICE_MARKERS, make_image_folder, pack_archive, required_message, services_required
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
+from tests.helpers import CIFAR10_CLASSES, SERVICE_MARKERS, make_image_folder, pack_archive, required_message, services_required
 
 @pytest.fixture(scope="session")
 def tiny_image_folder_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:

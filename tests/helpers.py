@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout's root
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 # CI (.ci/run) sets CNN_ZOO_REQUIRE_SERVICES=1: a missing service is then a failure, never a skip.
 REQUIRE_SERVICES_ENV = "CNN_ZOO_REQUIRE_SERVICES"
 SERVICE_MARKERS = ("postgres", "browser")  # tests/conftest.py turns any skip of a test marked so into a failure

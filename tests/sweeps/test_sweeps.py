@@ -25,9 +25,8 @@ from sweeps import densenet_bc
 from sweeps.densenet_bc import PARAMS_ATTR, REJECTED_ATTR, RUN_ATTR, main, param_count
 from sweeps.space import DEFAULT_SPACE, SearchSpace, load_space
 from sweeps.study import WORKER_ATTR, open_storage
-from tests.helpers import service_missing
+from tests.helpers import REPO, service_missing
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "sweeps" / "densenet_bc.py"
 PG_URL = os.environ.get("CNN_ZOO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 # What Optuna itself needs: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, not the installed psycopg2.

@@ -17,8 +17,8 @@ import torchvision.transforms as T
 from experiments import bench
 from experiments.config import apply_overrides, load_recipe
 from experiments.data import ArrayDataset, DeviceLoader
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 MODE_FIELDS = {"images_per_second", "step_ms", "timed_seconds", "data_wait_fraction", "peak_memory_bytes",
                "warmup_seconds", "compile_seconds", "graphs_compiled", "recompiles", "compile_cache_hits", "amp_bf16",

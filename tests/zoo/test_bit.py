@@ -12,22 +12,10 @@ from timm.layers import GroupNormAct, StdConv2d
 from zoo import bit
 from zoo._registry import create_model, model_family
 from zoo.info import count_params
+from tests.zoo.param_tables import BIT_PARAM_TABLE
 
 STEM_CHS = {"bit_r50x1": 64, "bit_r101x1": 64, "bit_r50x3": 192, "bit_r152x2": 128}
 
-# (variant, classes, cifar-stem params, source). timm's resnetv2_*_bit differs from our
-# stem="imagenet" build in nothing, and from stem="cifar" only in the 7x7 vs 3x3 stem conv:
-# timm - (7*7 - 3*3) * 3 * stem_channels.
-PARAM_TABLE = [
-    ("bit_r50x1", 10, 23_513_162, "issue: bit_r50x1 ~ 23.5M at 10 classes; timm resnetv2_50x1_bit 23,520,842 - 7,680"),
-    ("bit_r50x1", 100, 23_697_572, "timm resnetv2_50x1_bit 23,705,252 - 7,680"),
-    ("bit_r101x1", 10, 42_505_290, "timm resnetv2_101x1_bit 42,512,970 - 7,680"),
-    ("bit_r101x1", 100, 42_689_700, "timm resnetv2_101x1_bit 42,697,380 - 7,680"),
-    ("bit_r50x3", 10, 211_212_490, "timm resnetv2_50x3_bit 211,235,530 - 23,040"),
-    ("bit_r50x3", 100, 211_765_540, "timm resnetv2_50x3_bit 211,788,580 - 23,040"),
-    ("bit_r152x2", 10, 232_263_818, "timm resnetv2_152x2_bit 232,279,178 - 15,360"),
-    ("bit_r152x2", 100, 232_632_548, "timm resnetv2_152x2_bit 232,647,908 - 15,360"),
-]
 
 
 def _timm_name(variant: str) -> str:
@@ -35,7 +23,7 @@ def _timm_name(variant: str) -> str:
     return f"resnetv2_{depth}x{width}_bit"
 
 
-@pytest.mark.parametrize("variant,num_classes,expected,source", PARAM_TABLE)
+@pytest.mark.parametrize("variant,num_classes,expected,source", BIT_PARAM_TABLE)
 def test_param_counts(variant: str, num_classes: int, expected: int, source: str) -> None:
     # Meta tensors: exact counts without allocating or initialising ~230M parameters.
     with torch.device("meta"):

@@ -24,10 +24,8 @@ import pytest
 import zoo
 from experiments import checkpoint as ckpt_io
 from experiments.run import main
-from tests.conftest import CIFAR10_CLASSES
-from tests.helpers import make_image_folder, pack_archive
+from tests.helpers import CIFAR10_CLASSES, REPO, make_image_folder, pack_archive
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress"]
 STORE_TABLES = ("experiments", "runs", "params", "metrics", "latest_metrics", "tags", "inputs", "logged_models")
 NOT_RECORDS = ("cache",)  # derived data that may be (re)built at any time

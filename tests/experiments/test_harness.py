@@ -19,10 +19,8 @@ from experiments.config import RunConfig, apply_overrides, load_recipe
 from experiments.run import main
 from experiments.tracking import MlflowTracker, default_tracking_uri
 from experiments.train import FitOptions, Interrupted, Trainer, fit
-from tests.conftest import CIFAR10_CLASSES
-from tests.helpers import make_image_folder
+from tests.helpers import CIFAR10_CLASSES, REPO, make_image_folder
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress"]
 
 

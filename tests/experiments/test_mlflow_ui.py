@@ -21,10 +21,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import service_missing
-from tests.test_tracking_server import mlflow_server
+from tests.helpers import REPO, service_missing
+from tests.servers import mlflow_server
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium")
 # Root needs --no-sandbox; the rest keeps a headless run quiet, offline and reproducible.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,7 +1,7 @@
 """GoogLeNet (zoo/googlenet.py) and Inception-v3/v4/ResNet-v2 (zoo/inception.py).
 
 Expected counts are the reference implementations' exact integers. They were obtained by
-instantiating each reference file's modules (the files named in PARAM_TABLE) and summing
+instantiating each reference file's modules (the files named in INCEPTION_PARAM_TABLE) and summing
 ``numel``, and are re-derived here by arithmetic from the reference's layer list
 (``_reference_count``), independently of the zoo code.
 """
@@ -16,21 +16,8 @@ import zoo.googlenet  # noqa: F401  (registers the variant)
 import zoo.inception  # noqa: F401
 from zoo._registry import create_model, model_family
 from zoo.info import count_params
+from tests.zoo.param_tables import INCEPTION_PARAM_TABLE
 
-KUANGLIU = "kuangliu/pytorch-cifar models/googlenet.py"
-WEIAICUNZAI = "weiaicunzai/pytorch-cifar100 models/{} (README results table: {})"
-
-# (variant, classes, exact params, published rounded figure in millions or None, source)
-PARAM_TABLE = [
-    ("googlenet", 10, 6_166_250, 6.17, f"{KUANGLIU}; 6.17M as quoted (the repo's README lists accuracies only)"),
-    ("googlenet", 100, 6_258_500, None, KUANGLIU),
-    ("inception_v3", 100, 22_318_148, 22.3, WEIAICUNZAI.format("inceptionv3.py", "inceptionv3 22.3M")),
-    ("inception_v3", 10, 22_133_738, None, WEIAICUNZAI.format("inceptionv3.py", "100 classes only")),
-    ("inception_v4", 100, 41_296_516, 41.3, WEIAICUNZAI.format("inceptionv4.py", "inceptionv4 41.3M")),
-    ("inception_v4", 10, 41_158_186, None, WEIAICUNZAI.format("inceptionv4.py", "100 classes only")),
-    ("inception_resnet_v2", 100, 65_442_072, 65.4, WEIAICUNZAI.format("inceptionv4.py", "inceptionresnetv2 65.4M")),
-    ("inception_resnet_v2", 10, 65_257_662, None, WEIAICUNZAI.format("inceptionv4.py", "100 classes only")),
-]
 VARIANTS = ["googlenet", "inception_v3", "inception_v4", "inception_resnet_v2"]
 
 
@@ -140,7 +127,7 @@ _reference_count = {
 # -- Tests ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant,num_classes,expected,published,source", PARAM_TABLE)
+@pytest.mark.parametrize("variant,num_classes,expected,published,source", INCEPTION_PARAM_TABLE)
 def test_param_counts(variant: str, num_classes: int, expected: int, published: float | None, source: str) -> None:
     assert _reference_count[variant](num_classes) == expected, source
     # Meta tensors: exact counts without allocating or initialising the weights.

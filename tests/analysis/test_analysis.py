@@ -19,6 +19,7 @@ from analysis.aggregate import (MixedRecipesError, aggregate_runs, complete_runs
 from analysis.figures import accuracy_figure, learning_curves_figure, sweep_figure
 from analysis.mlflow_data import load_histories, load_runs
 from analysis.references import CITATIONS, REFERENCES
+from tests.helpers import REPO
 
 STANDARD = ("standard", "aaaaaaaaaaaa")
 FULL = ("full", "bbbbbbbbbbbb")  # val_size 0: no validation metrics
@@ -398,5 +399,5 @@ def test_analysis_reads_mlflow_only() -> None:
     code = ("import sys, analysis.plots, analysis.report; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'zoo', 'experiments', 'sweeps'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=REPO)
     assert result.stdout.strip() == "[]"

@@ -5,18 +5,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import zoo
-from tests.test_zoo_bit import PARAM_TABLE as BIT_PARAM_TABLE
-from tests.test_zoo_inception import PARAM_TABLE as INCEPTION_PARAM_TABLE
 from zoo._registry import register_model
+from tests.helpers import REPO
+from tests.zoo.param_tables import BIT_PARAM_TABLE, INCEPTION_PARAM_TABLE, PARAM_TABLE
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOW_PARAMS = 30_000_000  # models above this many parameters take seconds per step on two CPU cores
 
 
@@ -66,9 +64,9 @@ def test_registered_model(name: str, hparams: dict, num_classes: int) -> None:
 
 @pytest.mark.slow
 def test_cli_json_lists_every_variant() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "zoo", "--json"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "zoo", "--json"], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == zoo.list_models()
@@ -148,54 +146,6 @@ def test_resnet_shortcut_options() -> None:
     assert out.shape == (2, 10)
 
 
-# (name, num_classes, hparams, expected, exact, source). Exact integers are what the reference
-# implementation's code builds (its published figure is quoted); the others are the paper's rounded
-# figures, matched within 2%.
-BEARPAW = "bearpaw/pytorch-classification models/cifar"
-KUANGLIU = "kuangliu/pytorch-cifar models"
-CIFAR100 = "weiaicunzai/pytorch-cifar100 models"
-AKAMASTER = "akamaster/pytorch_resnet_cifar10 resnet.py"
-DENSENET_PAPER = "Huang et al. 2017 Table 2"
-PARAM_TABLE = [
-    ("alexnet", 10, {}, 2_472_266, True, f"{BEARPAW}/alexnet.py; README 2.47M"),
-    ("alexnet", 100, {}, 2_495_396, True, f"{BEARPAW}/alexnet.py at 100 classes"),
-    ("vgg11", 10, {}, 9_225_610, True, f"{BEARPAW}/vgg.py vgg11"),
-    ("vgg13", 10, {}, 9_410_122, True, f"{BEARPAW}/vgg.py vgg13"),
-    ("vgg16", 10, {}, 14_719_818, True, f"{BEARPAW}/vgg.py vgg16"),
-    ("vgg19", 10, {}, 20_029_514, True, f"{BEARPAW}/vgg.py vgg19"),
-    ("vgg11_bn", 10, {}, 9_231_114, True, f"{KUANGLIU}/vgg.py VGG('VGG11')"),
-    ("vgg13_bn", 10, {}, 9_416_010, True, f"{KUANGLIU}/vgg.py VGG('VGG13')"),
-    ("vgg16_bn", 10, {}, 14_728_266, True, f"{KUANGLIU}/vgg.py VGG('VGG16')"),
-    ("vgg19_bn", 10, {}, 20_040_522, True, f"{BEARPAW}/vgg.py vgg19_bn; README 20.04M"),
-    ("vgg11_bn", 100, {"head": "fc4096"}, 28_518_244, True, f"{CIFAR100}/vgg.py; README 28.5M"),
-    ("vgg13_bn", 100, {"head": "fc4096"}, 28_703_140, True, f"{CIFAR100}/vgg.py; README 28.7M"),
-    ("vgg16_bn", 100, {"head": "fc4096"}, 34_015_396, True, f"{CIFAR100}/vgg.py; README 34.0M"),
-    ("vgg19_bn", 100, {"head": "fc4096"}, 39_327_652, True, f"{CIFAR100}/vgg.py; README 39.0M"),
-    ("resnet20", 10, {}, 269_722, True, f"{AKAMASTER}; README 0.27M (He et al. 2016 Table 6: 0.27M)"),
-    ("resnet32", 10, {}, 464_154, True, f"{AKAMASTER}; README 0.46M"),
-    ("resnet44", 10, {}, 658_586, True, f"{AKAMASTER}; README 0.66M"),
-    ("resnet56", 10, {}, 853_018, True, f"{AKAMASTER}; README 0.85M"),
-    ("resnet110", 10, {}, 1_727_962, True, f"{AKAMASTER}; README 1.7M"),
-    ("resnet1202", 10, {}, 19_421_274, True, f"{AKAMASTER}; README 19.4M"),
-    ("resnet18", 10, {}, 11_173_962, True, f"{KUANGLIU}/resnet.py ResNet18"),
-    ("resnet34", 10, {}, 21_282_122, True, f"{KUANGLIU}/resnet.py ResNet34"),
-    ("resnet50", 10, {}, 23_520_842, True, f"{KUANGLIU}/resnet.py ResNet50"),
-    ("resnet18", 100, {}, 11_220_132, True, f"{CIFAR100}/resnet.py; README 11.2M"),
-    ("resnet34", 100, {}, 21_328_292, True, f"{CIFAR100}/resnet.py; README 21.3M"),
-    ("resnet50", 100, {}, 23_705_252, True, f"{CIFAR100}/resnet.py; README 23.7M"),
-    ("densenet", 10, {"depth": 40, "growth_rate": 12}, 1_000_000, False, f"{DENSENET_PAPER}: L=40 k=12 1.0M"),
-    ("densenet", 10, {"depth": 100, "growth_rate": 12}, 7_000_000, False, f"{DENSENET_PAPER}: L=100 k=12 7.0M"),
-    ("densenet", 10, {"depth": 100, "growth_rate": 24}, 27_200_000, False, f"{DENSENET_PAPER}: L=100 k=24 27.2M"),
-    ("densenet_bc", 10, {"depth": 100, "growth_rate": 12}, 769_162, True,
-     f"{BEARPAW}/densenet.py; README 0.77M ({DENSENET_PAPER}: 0.8M)"),
-    ("densenet_bc", 10, {"depth": 250, "growth_rate": 24}, 15_300_000, False, f"{DENSENET_PAPER}: L=250 k=24 15.3M"),
-    ("densenet_bc", 10, {"depth": 190, "growth_rate": 40}, 25_624_430, True,
-     f"{BEARPAW}/densenet.py; README 25.62M ({DENSENET_PAPER}: 25.6M)"),
-    ("densenet121", 100, {}, 7_048_548, True, f"{CIFAR100}/densenet.py; README 7.0M"),
-    ("densenet169", 100, {}, 12_643_172, True, f"{CIFAR100}/densenet.py densenet169"),
-    ("densenet201", 100, {}, 18_277_220, True, f"{CIFAR100}/densenet.py; README 18M"),
-    ("densenet161", 100, {}, 26_681_188, True, f"{CIFAR100}/densenet.py; README 26M"),
-]
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

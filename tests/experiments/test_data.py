@@ -20,10 +20,9 @@ from experiments import data
 from experiments.data import (ArrayDataset, DeviceLoader, augment_batch, class_balanced_subset, load_dataset,
                               sample_augmentation, split_train_val)
 from experiments.errors import DataError, UserError
-from tests.conftest import CIFAR10_CLASSES
-from tests.helpers import class_colour, label_from_image, make_image_folder, pack_archive
+from tests.helpers import CIFAR10_CLASSES, REPO, class_colour, label_from_image, make_image_folder, pack_archive
 
-REAL_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
+REAL_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
 
 @pytest.fixture(autouse=True)
