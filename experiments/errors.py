@@ -1,4 +1,7 @@
-"""The one exception type the CLI turns into a single line on stderr and exit code 2."""
+"""The exceptions the commands turn into exit codes (experiments.cli.exit_code); importing this is cheap."""
+from __future__ import annotations
+
+import signal
 
 
 class UserError(Exception):
@@ -7,3 +10,15 @@ class UserError(Exception):
 
 class DataError(UserError):
     """Missing, unreadable or corrupt data; the message names the path it concerns."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run ends FAILED."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C arrived; raised at the next step boundary so the state is consistent."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

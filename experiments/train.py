@@ -35,7 +35,7 @@ import zoo
 from experiments import checkpoint as ckpt_io
 from experiments.config import OptimizerConfig, Recipe, RunConfig, ScheduleConfig, flatten, recipe_from_dict
 from experiments.data import ArrayDataset, DatasetBundle, DeviceLoader, class_balanced_subset, load_dataset, split_train_val
-from experiments.errors import UserError
+from experiments.errors import Interrupted, NonFiniteLoss, UserError
 from experiments.tracking import Tracker, environment_tags
 
 # A callback sees (epoch, metrics) after each epoch; returning True stops training early
@@ -47,16 +47,6 @@ FINITE_CHECK_EVERY = 25  # steps between host syncs that look for a non-finite l
 RANK_SYNC_EVERY = FINITE_CHECK_EVERY
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):
-    """SIGTERM or Ctrl-C arrived; raised at the next step boundary so the state is consistent."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------

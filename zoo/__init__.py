@@ -5,7 +5,7 @@
 >>> zoo.model_info(model)["params"]
 """
 from zoo._registry import create_model, list_models, model_defaults, model_family, register_model
-from zoo.info import count_flops, count_params, model_info
+from zoo.info import count_flops, count_params, model_info, variant_info
 
 # Importing a family module registers its variants.
 from zoo import alexnet, bit, densenet, googlenet, inception, resnet, vgg  # noqa: E402,F401
@@ -15,6 +15,7 @@ __all__ = [
     "create_model",
     "list_models",
     "model_info",
+    "variant_info",
     "model_family",
     "model_defaults",
     "register_model",

@@ -43,3 +43,12 @@ def model_info(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> d
         "flops": flops,
         "macs": flops // 2,
     }
+
+
+def variant_info(name: str, num_classes: int, input_size: tuple[int, ...] = (3, 32, 32), **hparams) -> dict[str, int]:
+    """``model_info`` of a registered variant built on the meta device: exact shapes and traced FLOPs with no
+    memory and no initialisation cost, so huge variants count in milliseconds."""
+    from zoo._registry import create_model  # the registry imports every family; keep this module a leaf
+
+    with torch.device("meta"):
+        return model_info(create_model(name, num_classes=num_classes, **hparams), input_size)

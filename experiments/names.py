@@ -1,0 +1,42 @@
+"""The names under which runs are recorded in MLflow: the harness writes them, the sweeps and analysis read
+them. One place, importable without torch (analysis never imports the rest of the harness)."""
+from __future__ import annotations
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "cnn-zoo"
+
+# --- tags ---
+KIND = "cnn_zoo.kind"  # what a run is: one of the KIND_* values
+KIND_TRAIN, KIND_RETRAIN, KIND_TRIAL, KIND_SWEEP = "train", "retrain", "trial", "sweep"
+SEED_GROUP = "seed_group"  # runs of one --seeds command share it
+FAILURE = "failure"  # why a run ended FAILED
+STOP_REASON = "stop_reason"  # why a run stopped before its last epoch (e.g. "callback": an Optuna prune)
+FORCED_RESUME = "forced_resume"  # what --force-resume let through
+STUDY_NAME = "optuna.study_name"
+TRIAL_NUMBER = "optuna.trial_number"
+TRIAL_STATE = "optuna.state"
+PARENT_RUN_ID = "mlflow.parentRunId"
+
+# --- metrics logged once, at step 0, when a run ends (the run's latest value is the value) ---
+PARAM_COUNT = "param_count"
+FLOPS = "flops"
+BEST_VAL_ACC = "best_val_acc"
+BEST_EPOCH = "best_epoch"
+TEST_ACC_AT_BEST_VAL = "test_acc_at_best_val"
+FINAL_TEST_ACC = "final_test_acc"
+FINAL_VAL_ACC = "final_val_acc"
+TRAIN_SECONDS = "train_seconds"
+SUMMARY_METRICS = (PARAM_COUNT, FLOPS, BEST_VAL_ACC, BEST_EPOCH, TEST_ACC_AT_BEST_VAL, FINAL_TEST_ACC, FINAL_VAL_ACC,
+                   TRAIN_SECONDS)
+
+# --- per-epoch metrics (step = epoch) ---
+TRAIN_LOSS, TRAIN_ACC = "train_loss", "train_acc"
+VAL_LOSS, VAL_ACC = "val_loss", "val_acc"
+TEST_LOSS, TEST_ACC = "test_loss", "test_acc"
+EPOCH_SECONDS = "epoch_seconds"
+IMAGES_PER_SECOND = "images_per_second"
+
+# --- params ---
+RECIPE_HASH = "recipe_hash"
+DATA_DIGEST = "data.digest"
+MODEL_PARAM_PREFIX = "model."  # model.<hyperparameter>
