@@ -7,6 +7,6 @@ DATA_DIR ?= ./data
 install:
 	$(PY) -m pip install -e ".[dev]"
 train: install
-	$(PY) experiments/run.py --arch $(ARCH) --data-dir $(DATA_DIR)
+	$(PY) experiments/run.py --arch $(ARCH) --data-dir $(DATA_DIR) --download
 test: install
 	$(PY) -m pytest -q

@@ -10,53 +10,42 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.errors import AnalysisError
+from analysis.recipes import recipe_label
 from analysis.references import REFERENCES, Reference, references_frame
+from analysis.stats import ci_half_width, compare_to_best
+from experiments.names import (BEST_VAL_ACC, EVAL_SECONDS, FINAL_TEST_ACC, FLOPS, KIND_RETRAIN, KIND_TRAIN, KIND_TRIAL,
+                               MODEL_PARAM_PREFIX, PARAM_COUNT, TEST_ACC, TEST_ACC_AT_BEST_VAL, TRAIN_SECONDS, VAL_ACC,
+                               WALL_SECONDS)
 
-TRAIN_KINDS = ("train", "retrain")
+TRAIN_KINDS = (KIND_TRAIN, KIND_RETRAIN)
 FINISHED = "FINISHED"
-HISTORY_METRICS = ("val_acc", "test_acc")
+HISTORY_METRICS = (VAL_ACC, TEST_ACC)
+# Averaged over seeds per model row, each with its std, 95% CI half-width and count.
+SEED_METRICS = (FINAL_TEST_ACC, TEST_ACC_AT_BEST_VAL, BEST_VAL_ACC, TRAIN_SECONDS, EVAL_SECONDS, WALL_SECONDS)
 # Group identity of one "model" row: never averages across recipes, datasets or hyperparameters.
 GROUP_KEYS = ["recipe", "recipe_hash", "dataset", "family", "arch", "config"]
 # Shown in a model's label whenever the architecture has them (L and k name a DenseNet).
 ALWAYS_LABELLED = ("depth", "growth_rate")
 SHORT_NAMES = {"depth": "L", "growth_rate": "k", "compression": "θ"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-MODEL_PREFIX = "model."
 # Without these a run cannot be grouped: it is reported and left out.
 REQUIRED_PARAMS = ("arch", "family", "dataset", "recipe", "recipe_hash")
-
-
-class AnalysisError(Exception):
-    """A problem the CLIs report as one line on stderr, exiting with ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class MixedRecipesError(AnalysisError):
-    """Runs of different recipes were about to share a figure or table."""
-
-
-class EmptyFigureError(AnalysisError):
-    """A figure would have no points (e.g. every run lacks the metric on its x axis)."""
+# How a model row's train_seconds was measured: runs that log eval_seconds time training steps alone; runs
+# recorded before the harness timed evaluation apart included it in train_seconds.
+TIMING_STEPS, TIMING_WITH_EVAL, TIMING_MIXED = "steps only", "steps + evaluation", "mixed"
 
 
 def dataset_name(dataset: str) -> str:
     return DATASET_NAMES.get(dataset, dataset)
 
 
-def recipe_label(recipe: object, recipe_hash: object) -> str:
-    """``standard (0123456789ab)``: what every figure title and table row names a recipe by."""
-    return f"{recipe} ({recipe_hash})"
-
-
 def model_columns(runs: pd.DataFrame) -> list[str]:
-    return sorted(c for c in runs.columns if c.startswith(MODEL_PREFIX))
+    return sorted(c for c in runs.columns if c.startswith(MODEL_PARAM_PREFIX))
 
 
 def _hp(column: str) -> str:
-    return column[len(MODEL_PREFIX):]
+    return column[len(MODEL_PARAM_PREFIX):]
 
 
 def finished_runs(runs: pd.DataFrame, kinds: Sequence[str] = TRAIN_KINDS) -> pd.DataFrame:
@@ -75,12 +64,12 @@ def ignored_runs_note(runs: pd.DataFrame, kinds: Sequence[str] = TRAIN_KINDS) ->
 
 
 def _required_metrics(row: pd.Series) -> list[str]:
-    if row["kind"] == "trial":
-        return ["best_val_acc", "param_count"]
-    required = ["param_count", "flops", "final_test_acc", "train_seconds"]
+    if row["kind"] == KIND_TRIAL:
+        return [BEST_VAL_ACC, PARAM_COUNT]
+    required = [PARAM_COUNT, FLOPS, FINAL_TEST_ACC, TRAIN_SECONDS]
     # A full-train retrain (val_size 0) has no validation metrics by design.
     if _has_validation(row):
-        required += ["best_val_acc", "test_acc_at_best_val"]
+        required += [BEST_VAL_ACC, TEST_ACC_AT_BEST_VAL]
     return required
 
 
@@ -110,7 +99,7 @@ def _has_validation(run: pd.Series) -> bool:
 
 
 def _required_history(run: pd.Series) -> list[str]:
-    return ["test_acc", "val_acc"] if _has_validation(run) else ["test_acc"]
+    return [TEST_ACC, VAL_ACC] if _has_validation(run) else [TEST_ACC]
 
 
 def missing_report(missing: pd.DataFrame) -> list[str]:
@@ -123,34 +112,6 @@ def missing_report(missing: pd.DataFrame) -> list[str]:
 def complete_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that have every grouping param (the others are in ``missing_metrics``' report)."""
     return runs.dropna(subset=list(REQUIRED_PARAMS))
-
-
-def recipe_mask(runs: pd.DataFrame, recipe: str) -> pd.Series:
-    """Runs whose recipe name or recipe hash is ``recipe``."""
-    return (runs["recipe"] == recipe) | (runs["recipe_hash"] == recipe)
-
-
-def check_recipe_exists(runs: pd.DataFrame, recipe: str | None) -> None:
-    """Raise when ``--recipe`` names no recipe of ``runs``, listing the recipes there are."""
-    if recipe is not None and not recipe_mask(runs, recipe).any():
-        raise AnalysisError(f"no FINISHED runs with recipe name or hash {recipe!r}; recipes present: "
-                            f"{_recipe_list(runs)}")
-
-
-def select_recipes(runs: pd.DataFrame, allow_mixed: bool = False) -> pd.DataFrame:
-    """``runs``, unless they mix recipe hashes and ``allow_mixed`` is false (figures then get one panel per
-    recipe): then raises ``MixedRecipesError``, listing the recipes found. ``--recipe`` is applied
-    before, with ``recipe_mask``, so that the missing-metrics report covers that recipe only."""
-    if runs["recipe_hash"].nunique() > 1 and not allow_mixed:
-        raise MixedRecipesError(
-            f"runs of {runs['recipe_hash'].nunique()} different recipes found ({_recipe_list(runs)}); "
-            f"choose one with --recipe NAME_OR_HASH, or pass --allow-mixed-recipes to facet by recipe")
-    return runs
-
-
-def _recipe_list(runs: pd.DataFrame) -> str:
-    counts = runs.groupby(["recipe", "recipe_hash"], dropna=False).size()
-    return ", ".join(f"{recipe_label(name, h)}: {n} runs" for (name, h), n in counts.items()) or "none"
 
 
 def _config(run: pd.Series, columns: Iterable[str]) -> str:
@@ -181,41 +142,57 @@ def _hparams(run: pd.Series, columns: Iterable[str]) -> dict[str, object]:
 
 
 def aggregate_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (recipe, dataset, architecture, hyperparameters): means and sample stds over seeds.
+    """One row per (recipe, dataset, architecture, hyperparameters): means, sample stds and 95% CI
+    half-widths (Student t) over seeds, and each row's difference to the best row of its recipe and dataset
+    in final test accuracy, with its Welch 95% CI (``analysis.stats.compare_to_best``).
 
     ``n_runs`` counts the runs averaged, ``n_seeds`` their distinct seeds; each ``<metric>_n`` counts the
     runs that carry that metric (missing ones are reported by ``missing_metrics``, and averaged over
     what is there). ``param_count``/``flops`` are the median over runs (identical for one architecture).
+    ``timing`` says what ``train_seconds`` measured (a ``TIMING_*``); ``n_diverged`` counts the runs tagged
+    diverged and ``diverged`` gives their reasons (they stay in the means: a diverged run is a result).
     """
     if runs.empty:
         raise AnalysisError("no FINISHED train or retrain runs to aggregate")
     runs = runs.join(model_labels(runs))
     columns = model_columns(runs)
-    rows = []
-    for keys, group in runs.groupby(GROUP_KEYS, sort=True, dropna=False):
-        row = dict(zip(GROUP_KEYS, keys))
-        row.update(
-            model=group["model"].iloc[0],
-            model_id="|".join(str(k) for k in (row["recipe_hash"], row["dataset"], row["arch"], row["config"])),
-            hparams=_hparams(group.iloc[0], columns),
-            n_runs=len(group),
-            n_seeds=int(group["seed"].nunique()),
-            seeds=",".join(str(s) for s in sorted(group["seed"].dropna().unique())),
-            epochs=group["epochs"].max(),
-            val_size=group["val_size"].max(),
-            param_count=_column(group, "param_count").median(),
-            flops=_column(group, "flops").median(),
-            run_ids=",".join(group["run_id"]),
-        )
-        for metric in ("final_test_acc", "test_acc_at_best_val", "best_val_acc", "train_seconds"):
-            values = _column(group, metric)
-            row[f"{metric}_mean"] = values.mean()
-            row[f"{metric}_std"] = values.std(ddof=1)
-            row[f"{metric}_n"] = int(values.notna().sum())
-        rows.append(row)
-    agg = pd.DataFrame(rows)
+    agg = pd.DataFrame([_aggregate_group(dict(zip(GROUP_KEYS, keys)), group, columns)
+                        for keys, group in runs.groupby(GROUP_KEYS, sort=True, dropna=False)])
     agg["recipe_label"] = [recipe_label(r, h) for r, h in zip(agg["recipe"], agg["recipe_hash"])]
-    return agg.sort_values(["recipe_label", "dataset", "family", "param_count", "model"], ignore_index=True)
+    agg = agg.join(compare_to_best(agg, FINAL_TEST_ACC, ["recipe_hash", "dataset"]))
+    return agg.sort_values(["recipe_label", "dataset", "family", PARAM_COUNT, "model"], ignore_index=True)
+
+
+def _aggregate_group(row: dict[str, object], group: pd.DataFrame, columns: list[str]) -> dict[str, object]:
+    row.update(
+        model=group["model"].iloc[0],
+        model_id="|".join(str(k) for k in (row["recipe_hash"], row["dataset"], row["arch"], row["config"])),
+        hparams=_hparams(group.iloc[0], columns),
+        recipe_protocol=group["recipe_protocol"].iloc[0],
+        n_runs=len(group),
+        n_seeds=int(group["seed"].nunique()),
+        seeds=",".join(str(s) for s in sorted(group["seed"].dropna().unique())),
+        epochs=group["epochs"].max(),
+        val_size=group["val_size"].max(),
+        param_count=_column(group, PARAM_COUNT).median(),
+        flops=_column(group, FLOPS).median(),
+        run_ids=",".join(group["run_id"]),
+        timing=_timing(group),
+        n_diverged=int(group["diverged"].notna().sum()),
+        diverged="; ".join(dict.fromkeys(group["diverged"].dropna())),
+    )
+    for metric in SEED_METRICS:
+        values = _column(group, metric)
+        row[f"{metric}_mean"] = values.mean()
+        row[f"{metric}_std"] = values.std(ddof=1)
+        row[f"{metric}_ci"] = ci_half_width(values)
+        row[f"{metric}_n"] = int(values.notna().sum())
+    return row
+
+
+def _timing(group: pd.DataFrame) -> str:
+    timed_apart = _column(group, EVAL_SECONDS).notna()
+    return TIMING_STEPS if timed_apart.all() else TIMING_MIXED if timed_apart.any() else TIMING_WITH_EVAL
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -266,28 +243,39 @@ def match_references(agg: pd.DataFrame, references: tuple[Reference, ...] = REFE
 def results_table(agg: pd.DataFrame, matched: pd.DataFrame) -> pd.DataFrame:
     """The report's numbers: one row per model row of ``agg`` with its first-priority reference.
 
-    Accuracies are percent, ``diff_vs_reference`` is ours (final test accuracy, mean over seeds) minus the
-    published number in percentage points; NaN marks what does not exist (e.g. no validation split).
+    Accuracies are percent; ``*_ci95`` are half-widths of 95% CIs (Student t over seeds; Welch for
+    ``diff_vs_best``, the gap to the best model of the same recipe and dataset). ``diff_vs_reference`` is
+    ours (final test accuracy, mean over seeds) minus the published number in percentage points; NaN marks
+    what does not exist (e.g. no validation split, a single seed).
     """
     primary = matched.drop_duplicates("model_id", keep="first").set_index("model_id")
+    minutes = {f"{name}_minutes_{stat}": agg[f"{metric}_{stat}"] / 60
+               for name, metric in (("train", TRAIN_SECONDS), ("eval", EVAL_SECONDS), ("wall", WALL_SECONDS))
+               for stat in ("mean", "std")}
     table = pd.DataFrame({
         "recipe": agg["recipe"],
         "recipe_hash": agg["recipe_hash"],
+        "recipe_protocol": agg["recipe_protocol"],
         "dataset": agg["dataset"],
         "family": agg["family"],
         "model": agg["model"],
         "arch": agg["arch"],
-        "params": agg["param_count"],
-        "gflops": agg["flops"] / 1e9,
+        "params": agg[PARAM_COUNT],
+        "gflops": agg[FLOPS] / 1e9,
         "seeds": agg["n_seeds"],
         "runs": agg["n_runs"],
         "epochs": agg["epochs"],
-        "final_test_acc_mean": agg["final_test_acc_mean"],
-        "final_test_acc_std": agg["final_test_acc_std"],
-        "test_acc_at_best_val_mean": agg["test_acc_at_best_val_mean"],
-        "test_acc_at_best_val_std": agg["test_acc_at_best_val_std"],
-        "train_minutes_mean": agg["train_seconds_mean"] / 60,
-        "train_minutes_std": agg["train_seconds_std"] / 60,
+        **{column: agg[f"{metric}_{stat}"] for metric in (FINAL_TEST_ACC, TEST_ACC_AT_BEST_VAL)
+           for stat, column in (("mean", f"{metric}_mean"), ("std", f"{metric}_std"), ("ci", f"{metric}_ci95"))},
+        "best_model": agg["best_model"],
+        "is_best": agg["is_best"],
+        "diff_vs_best": agg["diff_vs_best"],
+        "diff_vs_best_ci95": agg["diff_vs_best_ci"],
+        "diff_vs_best_significant": agg["diff_vs_best_significant"],
+        **minutes,
+        "train_time_measures": agg["timing"],
+        "diverged_runs": agg["n_diverged"],
+        "diverged_reason": agg["diverged"],
         "reference_test_acc": agg["model_id"].map(primary["ref_test_acc"]),
         "reference_params_m": agg["model_id"].map(primary["ref_params_m"]),
         "reference_source": agg["model_id"].map(primary["ref_source"]),
@@ -299,8 +287,10 @@ def results_table(agg: pd.DataFrame, matched: pd.DataFrame) -> pd.DataFrame:
 
 def curves_frame(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """Join per-epoch history (``run_id, metric, epoch, value``) with each run's panel of the
-    learning-curve figure: model label, dataset and recipe."""
-    labelled = runs.join(model_labels(runs))[["run_id", "model", "dataset", "family", "recipe", "recipe_hash"]]
+    learning-curve figure (model label, dataset, recipe) and what the panel marks: the number of classes
+    (for the chance line) and the run's divergence reason (missing unless tagged)."""
+    labelled = runs.join(model_labels(runs))[["run_id", "model", "dataset", "family", "recipe", "recipe_hash",
+                                              "recipe_protocol", "num_classes", "diverged"]]
     curves = history.merge(labelled, on="run_id")
     curves["recipe_label"] = [recipe_label(r, h) for r, h in zip(curves["recipe"], curves["recipe_hash"])]
     curves["panel"] = [f"{m} · {dataset_name(d)}" for m, d in zip(curves["model"], curves["dataset"])]

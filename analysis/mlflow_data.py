@@ -23,21 +23,24 @@ from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from requests import RequestException
 from sqlalchemy.exc import SQLAlchemyError
 
-from analysis.aggregate import HISTORY_METRICS, MODEL_PREFIX, AnalysisError
+from analysis.aggregate import HISTORY_METRICS
+from analysis.errors import AnalysisError
+from analysis.recipes import recipe_protocols
+from experiments import names
+from experiments.names import DEFAULT_TRACKING_URI, MODEL_PARAM_PREFIX, RECIPE_PARAM_PREFIX
 
-# The harness's defaults (experiments/tracking.py), repeated because analysis must not import it.
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "cnn-zoo"
-
-TEXT_PARAMS = ("arch", "family", "dataset", "recipe", "recipe_hash", "device", "data.digest")
-INT_PARAMS = {"seed": "seed", "epochs": "epochs", "batch_size": "batch_size",
-              "data.train_size": "train_size", "data.val_size": "val_size", "data.test_size": "test_size"}
-TAGS = {"cnn_zoo.kind": "kind", "mlflow.parentRunId": "parent_run_id", "seed_group": "seed_group",
-        "optuna.study_name": "study", "optuna.trial_number": "trial_number", "optuna.state": "trial_state",
-        "git_commit": "git_commit", "device_name": "device_name"}
+TEXT_PARAMS = (names.ARCH, names.FAMILY, names.DATASET, names.RECIPE, names.RECIPE_HASH, names.DEVICE,
+               names.DATA_DIGEST)
+INT_PARAMS = {names.SEED: "seed", names.EPOCHS: "epochs", names.BATCH_SIZE: "batch_size",
+              names.TRAIN_SIZE: "train_size", names.VAL_SIZE: "val_size", names.TEST_SIZE: "test_size",
+              names.NUM_CLASSES: "num_classes"}
+TAGS = {names.KIND: "kind", names.PARENT_RUN_ID: "parent_run_id", names.SEED_GROUP: "seed_group",
+        names.STUDY_NAME: "study", names.TRIAL_NUMBER: "trial_number", names.TRIAL_STATE: "trial_state",
+        names.DIVERGED: "diverged", names.GIT_COMMIT: "git_commit", names.DEVICE_NAME: "device_name"}
 # Logged once at step 0 at the end of a run, so the run's latest value is the value.
-SUMMARY_METRICS = ("param_count", "flops", "best_val_acc", "best_epoch", "test_acc_at_best_val",
-                   "final_test_acc", "final_val_acc", "train_seconds")
+SUMMARY_METRICS = tuple(dict.fromkeys((*names.SUMMARY_METRICS, names.EVAL_SECONDS, names.WALL_SECONDS)))
+# Cast one column at a time: each holds one hyperparameter or recipe field, whatever its type.
+PREFIXED_PARAMS = (MODEL_PARAM_PREFIX, RECIPE_PARAM_PREFIX)
 BASE_COLUMNS = ("run_id", "run_name", "status", "start_time")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _INT = re.compile(r"[+-]?\d+")
@@ -150,11 +153,14 @@ def cast_param_column(values: pd.Series) -> pd.Series:
 
 def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
     """One row per run: ids, status, the harness's tags, its params cast to numbers where they are, every
-    ``model.*`` hyperparameter (cast per column) and the summary metrics (float, NaN when absent).
+    ``model.*`` hyperparameter and ``recipe.*`` field (cast per column) and the summary metrics (float, NaN
+    when absent).
 
-    Renamed columns: ``data.{train,val,test}_size`` -> ``{train,val,test}_size``, ``cnn_zoo.kind`` ->
-    ``kind``, ``mlflow.parentRunId`` -> ``parent_run_id``, ``optuna.study_name/trial_number/state`` ->
-    ``study/trial_number/trial_state``.
+    Renamed columns: ``data.{train,val,test}_size`` -> ``{train,val,test}_size``, ``data.num_classes`` ->
+    ``num_classes``, ``cnn_zoo.kind`` -> ``kind``, ``cnn_zoo.diverged`` -> ``diverged`` (the reason, or
+    missing), ``mlflow.parentRunId`` -> ``parent_run_id``, ``optuna.study_name/trial_number/state`` ->
+    ``study/trial_number/trial_state``; ``recipe_protocol`` describes the run's recipe
+    (``analysis.recipes.recipe_protocols``).
     """
     records = []
     for run in runs:
@@ -164,20 +170,21 @@ def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
         record.update({column: tags.get(tag) for tag, column in TAGS.items()})
         record.update({name: params.get(name) for name in TEXT_PARAMS})
         record.update({column: params.get(name) for name, column in INT_PARAMS.items()})
-        record.update({k: v for k, v in params.items() if k.startswith(MODEL_PREFIX)})
+        record.update({k: v for k, v in params.items() if k.startswith(PREFIXED_PARAMS)})
         record.update({name: metrics.get(name) for name in SUMMARY_METRICS})
         records.append(record)
     frame = pd.DataFrame.from_records(records)
-    model = sorted(c for c in frame.columns if c.startswith(MODEL_PREFIX))
-    frame = frame.reindex(columns=[*BASE_COLUMNS, *TAGS.values(), *TEXT_PARAMS, *INT_PARAMS.values(), *model,
+    prefixed = sorted(c for c in frame.columns if c.startswith(PREFIXED_PARAMS))
+    frame = frame.reindex(columns=[*BASE_COLUMNS, *TAGS.values(), *TEXT_PARAMS, *INT_PARAMS.values(), *prefixed,
                                    *SUMMARY_METRICS])
     for column in (*INT_PARAMS.values(), "trial_number"):
         frame[column] = pd.to_numeric(frame[column].astype(object), errors="coerce").astype("Int64")
-    for column in model:
+    for column in prefixed:
         frame[column] = cast_param_column(frame[column])
     for column in SUMMARY_METRICS:
         frame[column] = frame[column].astype("float64")
     frame["start_time"] = pd.to_datetime(frame["start_time"], unit="ms", utc=True)
+    frame["recipe_protocol"] = recipe_protocols(frame)
     return frame.sort_values(["start_time", "run_id"], ignore_index=True)
 
 

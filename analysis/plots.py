@@ -3,16 +3,17 @@
     python analysis/plots.py --experiment cnn-zoo [--tracking-uri URI] [--out analysis/figures]
                              [--recipe NAME_OR_HASH] [--allow-mixed-recipes]
 
-Writes PNG and SVG files: accuracy_vs_params, accuracy_vs_flops, accuracy_vs_train_time, learning_curves
-and, per sweep study, sweep_<study> (k × θ map and Pareto front of its trials). Only FINISHED runs count;
-runs of different recipes never share a figure unless --allow-mixed-recipes is given (one panel per recipe).
-Runs that lack a metric are listed on stderr.
+Writes PNG and SVG files into OUT/<experiment>/<recipe hash>/ (OUT/<experiment>/mixed/ for figures of several
+recipes): accuracy_vs_params, accuracy_vs_flops, accuracy_vs_train_time, learning_curves and, per sweep
+study, sweep_<study> (k × θ map and Pareto front of its trials). Only FINISHED runs count; runs of different
+recipes never share a figure unless --allow-mixed-recipes is given (one panel per recipe). --recipe takes a
+hash, or a name that one hash carries. Runs that lack a metric are listed on stderr.
 """
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python analysis/plots.py` from a checkout that is not pip-installed
@@ -21,36 +22,37 @@ if __package__ in (None, ""):  # `python analysis/plots.py` from a checkout that
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.aggregate import (FINISHED, TRAIN_KINDS, AnalysisError, EmptyFigureError, aggregate_runs,
-                                check_recipe_exists, complete_runs, curves_frame, finished_runs, ignored_runs_note,
-                                match_references, missing_metrics, missing_report, recipe_mask, select_recipes)
-from analysis.cli import build_parser, warn
+from analysis.aggregate import (FINISHED, TRAIN_KINDS, aggregate_runs, complete_runs, curves_frame, finished_runs,
+                                ignored_runs_note, match_references, missing_metrics, missing_report)
+from analysis.cli import build_parser, output_dir, slug, warn
+from analysis.errors import AnalysisError, EmptyFigureError
 from analysis.figures import X_AXES, accuracy_figure, learning_curves_figure, save_figure, sweep_figure
 from analysis.mlflow_data import load_experiment, load_histories, store_errors
+from analysis.recipes import filter_recipe, select_recipes
+from experiments.names import KIND_TRIAL
 
 
 def study_trials(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """FINISHED and PRUNED trial runs per study (the ``optuna.study_name`` tag, else the parent run id)."""
-    trials = runs[(runs["kind"] == "trial") & ((runs["status"] == FINISHED) | (runs["trial_state"] == "PRUNED"))]
+    trials = runs[(runs["kind"] == KIND_TRIAL) & ((runs["status"] == FINISHED) | (runs["trial_state"] == "PRUNED"))]
     key = trials["study"].fillna(trials["parent_run_id"]).fillna("unnamed-study")
     return {str(name): group for name, group in trials.groupby(key, sort=True)}
 
 
 def make_figures(uri: str, experiment: str, out: Path, recipe: str | None = None,
                  allow_mixed: bool = False) -> list[Path]:
-    """Read the experiment and write every figure it has data for; returns the files written."""
+    """Read the experiment and write every figure it has data for into ``output_dir(out, experiment, <the
+    figure's recipe hashes>)``; returns the files written."""
     client, runs = load_experiment(uri, experiment)
-    for note in (ignored_runs_note(runs, TRAIN_KINDS), ignored_runs_note(runs, ("trial",))):
+    for note in (ignored_runs_note(runs, TRAIN_KINDS), ignored_runs_note(runs, (KIND_TRIAL,))):
         if note:
             warn(note)
-    finished = finished_runs(runs, (*TRAIN_KINDS, "trial"))
+    finished = finished_runs(runs, (*TRAIN_KINDS, KIND_TRIAL))
     if finished.empty:
         raise AnalysisError(f"experiment {experiment!r} has no FINISHED train, retrain or trial runs "
                             f"({len(runs)} runs in all)")
-    check_recipe_exists(finished, recipe)
-    if recipe is not None:  # the one recipe filter: every figure and warning below sees only this recipe
-        runs = runs[recipe_mask(runs, recipe)]
-    train, trials = finished_runs(runs, TRAIN_KINDS), finished_runs(runs, ("trial",))
+    runs = filter_recipe(runs, recipe, finished)  # the one filter: every figure and warning below sees only it
+    train, trials = finished_runs(runs, TRAIN_KINDS), finished_runs(runs, (KIND_TRIAL,))
     with store_errors(uri):
         history = load_histories(client, train["run_id"])
     for line in missing_report(missing_metrics(pd.concat([train, trials]), history)):
@@ -60,16 +62,17 @@ def make_figures(uri: str, experiment: str, out: Path, recipe: str | None = None
     train = complete_runs(train)
     if not train.empty:
         train = select_recipes(train, allow_mixed=allow_mixed)
+        folder = output_dir(out, experiment, train["recipe_hash"])
         agg = aggregate_runs(train)
         matched = match_references(agg)
         for x in X_AXES:
-            written += _save_or_warn(lambda: accuracy_figure(agg, matched, x), out, f"accuracy_vs_{x}")
+            written += _save_or_warn(partial(accuracy_figure, agg, matched, x), folder, f"accuracy_vs_{x}")
         curves = curves_frame(train, history)
-        written += _save_or_warn(lambda: learning_curves_figure(curves), out, "learning_curves")
+        written += _save_or_warn(partial(learning_curves_figure, curves), folder, "learning_curves")
     for study, group in study_trials(runs).items():
         group = select_recipes(group, allow_mixed=allow_mixed)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study)
-        written += _save_or_warn(lambda: sweep_figure(group, study), out, f"sweep_{slug}")
+        folder = output_dir(out, experiment, group["recipe_hash"].dropna())
+        written += _save_or_warn(partial(sweep_figure, group, study), folder, f"sweep_{slug(study)}")
     return written
 
 
@@ -82,7 +85,7 @@ def _save_or_warn(build: Callable[[], Figure], out: Path, stem: str) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("plots.py", __doc__, "analysis/figures")
+    parser = build_parser("plots.py", __doc__)
     args = parser.parse_args(argv)
     try:
         written = make_figures(args.tracking_uri, args.experiment, Path(args.out), args.recipe,

@@ -1,16 +1,30 @@
 """Published CIFAR test accuracies, each with the exact place it was read.
 
-Only numbers that could be cited precisely are here. Accuracies are in percent (100 - the published
-error where a source reports error). ``hparams`` holds the model hyperparameters a reference is specific
-to: it matches a run only when every one of them equals the run's ``model.<name>`` param.
+Only numbers that could be cited precisely are here: every source is a paper table or a repository README
+read at a commit (``CITATIONS``). Accuracies are in percent (100 - the published error where a source
+reports error). ``hparams`` holds the model hyperparameters a reference is specific to: it matches a run
+only when every one of them equals the run's ``model.<name>`` param. A ``note`` says how the published
+number differs from what our run measures (the network it comes from, or the statistic); the report's table
+and the figures' legends show it.
 
 Repository READMEs were read at these commits (their tables may change later):
 kuangliu/pytorch-cifar 0ed52b1 and 00166a3 (identical accuracy tables), weiaicunzai/pytorch-cifar100
 01781f9, bearpaw/pytorch-classification 0c84465.
 
-Left out on purpose: bearpaw's "ResNet-110" (6.11 % / 28.86 %) is a bottleneck network with projection
-shortcuts (its ``models/cifar/resnet.py`` switches to ``Bottleneck`` for depth >= 44), not He et al.'s
-basic-block ResNet-110 that the zoo's ``resnet110`` builds.
+Kept with a note: weiaicunzai/pytorch-cifar100's DenseNet-121/161/201. Its ``models/densenet.py`` (read at
+073c8bb and 46d2015) builds transitions BN-Conv(1x1)-AvgPool without the ReLU that ours, the paper's,
+kuangliu's and bearpaw's have; the parameter count is the same, the function is not.
+
+Left out on purpose:
+- bearpaw's "ResNet-110" (6.11 % / 28.86 %) is a bottleneck network with projection shortcuts (its
+  ``models/cifar/resnet.py`` switches to ``Bottleneck`` for depth >= 44), not He et al.'s basic-block
+  ResNet-110 that the zoo's ``resnet110`` builds.
+- weiaicunzai/pytorch-cifar100's GoogLeNet (21.97 % CIFAR-100 error): its ``models/googlenet.py`` (read at
+  4169e85 and 49ddb26) adds Dropout2d(0.4) before the classifier and, through a typo
+  (``nn.BatchNorm2d(n5x5, n5x5)``), gives the second BatchNorm of every Inception module's "5x5" branch an
+  eps equal to its channel count (32 to 128), nine layers in all; its stem also differs between those
+  commits (one unpadded 3x3 conv to 192 channels; three padded 3x3 convs 64-64-192 and a max-pool), and the
+  README does not say which trained the number. The zoo's ``googlenet`` is kuangliu's, with none of this.
 """
 from __future__ import annotations
 
@@ -53,6 +67,9 @@ def _err(arch: str, dataset: str, error: float, source: str, params_m: float | N
     return Reference(arch, dataset, round(100.0 - error, 2), source, params_m, hparams, note)
 
 
+# weiaicunzai/pytorch-cifar100 models/densenet.py Transition: BN-Conv-AvgPool (see the module docstring).
+NO_TRANSITION_RELU = "its DenseNet transitions are BN-Conv(1x1)-AvgPool, without our ReLU"
+
 # Order matters: where several references match one model, the first is the table's reference
 # (papers before reference repositories); figures draw all of them.
 REFERENCES: tuple[Reference, ...] = (
@@ -94,10 +111,9 @@ REFERENCES: tuple[Reference, ...] = (
     _err("resnet18", "cifar100", 24.39, CIFAR100_REPO, 11.2),
     _err("resnet34", "cifar100", 23.24, CIFAR100_REPO, 21.3),
     _err("resnet50", "cifar100", 22.61, CIFAR100_REPO, 23.7),
-    _err("densenet121", "cifar100", 22.99, CIFAR100_REPO, 7.0, growth_rate=32),
-    _err("densenet161", "cifar100", 21.56, CIFAR100_REPO, 26.0, growth_rate=48),
-    _err("densenet201", "cifar100", 21.46, CIFAR100_REPO, 18.0, growth_rate=32),
-    _err("googlenet", "cifar100", 21.97, CIFAR100_REPO, 6.2),
+    _err("densenet121", "cifar100", 22.99, CIFAR100_REPO, 7.0, NO_TRANSITION_RELU, growth_rate=32),
+    _err("densenet161", "cifar100", 21.56, CIFAR100_REPO, 26.0, NO_TRANSITION_RELU, growth_rate=48),
+    _err("densenet201", "cifar100", 21.46, CIFAR100_REPO, 18.0, NO_TRANSITION_RELU, growth_rate=32),
     _err("inception_v3", "cifar100", 22.81, CIFAR100_REPO, 22.3),
     _err("inception_v4", "cifar100", 24.14, CIFAR100_REPO, 41.3),
     _err("inception_resnet_v2", "cifar100", 27.51, CIFAR100_REPO, 65.4),

@@ -49,8 +49,8 @@ import zoo
 from experiments.config import Recipe, apply_overrides, list_recipes, load_recipe
 from experiments.data import NUM_CLASSES, ArrayDataset, DatasetBundle, DeviceLoader, load_dataset
 from experiments.errors import UserError
-from experiments.train import (StepMeter, Trainer, release_freed_memory, resolve_device, retain_freed_memory,
-                               seed_everything, train_loader)
+from experiments.runtime import release_freed_memory, resolve_device, retain_freed_memory, seed_everything
+from experiments.trainer import StepMeter, Trainer, train_loader
 
 DEFAULT_ARCHS = "resnet20,resnet110,densenet_bc,vgg16_bn,inception_v3,bit_r50x1"
 MODES = ("baseline", "harness", "compile")
@@ -303,7 +303,7 @@ def baseline_batches(bundle: DatasetBundle, recipe: Recipe, batch_size: int, dev
 
 def harness_loader(bundle: DatasetBundle, recipe: Recipe, batch_size: int, device: torch.device,
                    channels_last: bool, seed: int) -> DeviceLoader:
-    """fit()'s training loader (experiments.train.train_loader), its generator seeded as fit() seeds it."""
+    """fit()'s training loader (experiments.trainer.train_loader), its generator seeded as fit() seeds it."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return train_loader(bundle.train, recipe, batch_size, generator, device=device, mean=bundle.mean, std=bundle.std,

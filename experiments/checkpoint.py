@@ -1,9 +1,22 @@
-"""Atomic checkpoints: a crash, a full disk or a kill while writing never damages the previous one."""
+"""Checkpoints: atomic writes (a crash, a full disk or a kill while writing never damages the previous one)
+and loads that cannot run code.
+
+Checkpoints travel (MLflow artifacts on a shared server, files passed between colleagues), and unpickling
+a crafted file runs whatever it names. So a checkpoint holds only tensors and plain Python values and is
+read with ``torch.load(weights_only=True)``. A checkpoint from before that rule also holds numpy's RNG
+state (an ndarray); it is read by an unpickler that resolves only the globals such a file contains,
+converted once and rewritten. Anything else is refused unread.
+"""
 from __future__ import annotations
 
+import codecs
+import collections
 import os
+import pickle
 import random
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +56,45 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by ``save_atomic``; a truncated or foreign file is a UserError."""
+    """Load a checkpoint written by ``save_atomic`` without running code from it.
+
+    One written before checkpoints were weights-only is converted and rewritten in place (once, with a
+    notice); a truncated, foreign or code-carrying file is a UserError naming it.
+    """
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch warns about pickles it did not write: the error says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a type the weights-only unpickler refuses: perhaps the old format
+        ckpt = _convert_old_format(path)
     except Exception as e:  # torch raises several types for truncated zips and pickles
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                        f"delete it to restart, or resume another run") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"checkpoint {path} was not written by this harness")
+        raise _corrupt(path, e) from None
+    _check_written_here(path, ckpt)
     return ckpt
 
 
+def _corrupt(path: Path, error: Exception) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return UserError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {reason}); "
+                     f"delete it to restart, or resume another run")
+
+
+def _check_written_here(path: Path, ckpt: Any) -> None:
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"checkpoint {path} was not written by this harness")
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state, as tensors and plain values
+# ----------------------------------------------------------------------------------------------
+
 def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, gauss): plain values already
+        "numpy": [kind, key.tolist(), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
         "data": data_generator.get_state(),
     }
@@ -70,12 +105,90 @@ def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     data_generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints written before the weights-only format
+# ----------------------------------------------------------------------------------------------
+
+_reconstruct = np.empty(0).__reduce__()[0]  # numpy's array-unpickling function, whatever its module
+# Every global a checkpoint of the old format names (torch's Storage types are resolved by torch.load).
+_OLD_FORMAT_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("_codecs", "encode"): codecs.encode,  # how protocol 2 pickles the bytes of an array
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # as numpy 1 names it
+}
+
+
+class _ForeignGlobal(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualname = f"{module}.{name}"
+
+
+class _OldFormatPickle:
+    """A pickle module for torch.load whose unpickler resolves the old format's globals and nothing else,
+    so no callable outside that list is ever reached."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return _OLD_FORMAT_GLOBALS[module, name]
+            except KeyError:
+                raise _ForeignGlobal(module, name) from None
+
+    @classmethod
+    def load(cls, file: Any, **kwargs: Any) -> Any:
+        return cls.Unpickler(file, **kwargs).load()
+
+
+def _convert_old_format(path: Path) -> dict[str, Any]:
+    """Read an old-format checkpoint, give it the weights-only RNG layout and rewrite it atomically."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", pickle_module=_OldFormatPickle, weights_only=False)
+    except _ForeignGlobal as e:
+        raise UserError(f"checkpoint {path} names {e.qualname}, which no checkpoint of this harness holds; "
+                        f"refusing to load it (unpickling it could run code)") from None
+    except Exception as e:
+        raise _corrupt(path, e) from None
+    _check_written_here(path, ckpt)
+    numpy_state = ckpt.get("rng", {}).get("numpy")
+    if not (isinstance(numpy_state, tuple) and len(numpy_state) == 5 and isinstance(numpy_state[1], np.ndarray)
+            and numpy_state[1].dtype == np.uint32):
+        raise UserError(f"checkpoint {path} was not written by this harness (unexpected numpy data)")
+    kind, key, *rest = numpy_state
+    ckpt["rng"]["numpy"] = [kind, key.tolist(), *rest]
+    if not _plain(ckpt):
+        raise UserError(f"checkpoint {path} was not written by this harness (numpy data outside its RNG state)")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 alone writes
+        save_atomic(ckpt, path)
+        print(f"note: converted checkpoint {path} to the weights-only format (it was written by an older version "
+              f"of the harness)", file=sys.stderr, flush=True)
+    return ckpt
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` holds only what torch.load(weights_only=True) reads back: tensors and plain values."""
+    if isinstance(obj, dict):
+        return all(_plain(k) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v) for v in obj)
+    return obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where checkpoints live
+# ----------------------------------------------------------------------------------------------
 
 def run_dir(output_dir: str | Path, run_key: str) -> Path:
     return Path(output_dir) / "checkpoints" / run_key

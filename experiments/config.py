@@ -24,6 +24,10 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 # YAML 1.1 (PyYAML) reads 1e-4 as a string: only 1.0e-4 is a float there.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 MAX_SEED = 2**32  # numpy's legacy seeding takes seeds in [0, 2**32)
+TIMM_PREFIX = "timm:"  # zoo._registry.TIMM_PREFIX: a timm model's name in the zoo (the zoo imports torch)
+# Dataset names and class counts, here (torch-free) so the CLIs can offer them without importing torch;
+# experiments.data reads the files. svhn-extra is SVHN with its 531,131 extra images added to training.
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "svhn-extra": 10, "mnist": 10, "fashion-mnist": 10}
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,7 @@ class RunConfig:
     output_dir: str = "./outputs"
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
-            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        check_seed(self.seed, "seed")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +180,21 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | dict[str, Any]) -> Re
             raise UserError(f"unknown recipe key {key!r}; keys: {', '.join(recipe_keys())}")
         node[parts[-1]] = value
     return build_dataclass(Recipe, data, where="override").validate()
+
+
+def check_seed(seed: Any, name: str) -> None:
+    """``name``: how the message calls it (``seed``, ``--seed``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise UserError(f"{name} must be an integer in [0, 2**32), got {seed!r}")
+
+
+def flag_overrides(shortcuts: dict[str, Any], epochs: int | None, sets: list[str]) -> dict[str, Any]:
+    """A command's recipe overrides: the shortcut flags given (not None), ``--epochs`` (which replaces an
+    iteration budget such as resnet-paper's) and each ``--set KEY=VALUE``, applied in that order."""
+    overrides = {k: v for k, v in shortcuts.items() if v is not None}
+    if epochs is not None:
+        overrides |= {"epochs": epochs, "max_steps": None}
+    return overrides | dict(parse_key_value(s, "--set") for s in sets)
 
 
 def recipe_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
@@ -278,3 +296,49 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture lists with their own model arguments (--arch)
+# ----------------------------------------------------------------------------------------------
+
+def parse_arch_spec(spec: str, flag: str = "--arch") -> list[tuple[str, dict[str, Any]]]:
+    """``NAME[:KEY=VALUE[,KEY=VALUE...]][,NAME...]`` -> ``[(name, model arguments), ...]`` in the order given.
+
+    A comma separates entries; an entry holding ``=`` with no ``:`` before it continues the previous
+    architecture's arguments, so ``resnet20,densenet_bc:depth=40,growth_rate=12`` is resnet20 at its defaults
+    and densenet_bc with L = 40, k = 12. ``timm:NAME`` is one name (``timm:NAME:KEY=VALUE`` gives it
+    arguments). Values are YAML, as for --model-arg, and cannot hold a comma. Names are checked by the zoo.
+    """
+    entries: list[tuple[str, dict[str, Any]]] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" in item and ":" not in item.partition("=")[0]:  # KEY=VALUE: the previous architecture's
+            if not entries:
+                raise UserError(f"{flag} {spec!r}: {item!r} follows no architecture; write NAME:{item}")
+            _add_model_arg(entries[-1], item, flag)
+            continue
+        prefix = TIMM_PREFIX if item.startswith(TIMM_PREFIX) else ""
+        name, colon, first_arg = item[len(prefix):].partition(":")
+        if not name.strip():
+            raise UserError(f"{flag} {spec!r}: {item!r} names no architecture")
+        entries.append((prefix + name.strip(), {}))
+        if colon:
+            _add_model_arg(entries[-1], first_arg, flag)
+    if not entries:
+        raise UserError(f"{flag} {spec!r} names no architecture")
+    return entries
+
+
+def _add_model_arg(entry: tuple[str, dict[str, Any]], text: str, flag: str) -> None:
+    name, model = entry
+    key, value = parse_key_value(text.strip(), f"{flag} {name}:")
+    if key in model:
+        raise UserError(f"{flag} {name}: {key} is given twice")
+    model[key] = value
+
+
+def arch_label(arch: str, model: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """``arch`` followed by the model arguments that differ from ``defaults`` (sorted), for run names and
+    seed groups: ``densenet_bc-depth=40-growth_rate=24``; plain ``arch`` at the defaults."""
+    changed = [f"{k}={v}" for k, v in sorted(model.items()) if k not in defaults or defaults[k] != v]
+    return "-".join([arch, *changed])

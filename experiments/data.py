@@ -1,21 +1,29 @@
-"""CIFAR-10/100 loading into uint8 arrays, splits, and a device-resident batch loader.
+"""Image-classification datasets loaded into uint8 arrays, splits, and a device-resident batch loader.
 
-Sources, tried in order inside ``data_dir``: the official torchvision layout (``cifar-10-batches-py`` /
-``cifar-100-python``); an image-folder tree ``train/<class>/*`` + ``test/<class>/*`` (PNG or JPEG), either
-``data_dir`` itself or a child folder or archive named after the dataset; and finally, with
-``download=True``, torchvision's download. Decoded arrays are cached under a content digest so only the
-first run pays for decoding.
+Datasets: CIFAR-10/100, SVHN (``svhn-extra``: with its 531,131 extra training images), MNIST and
+Fashion-MNIST. Sources, tried in order inside ``data_dir``: the official release in torchvision's layout
+(``cifar-10-batches-py/`` / ``cifar-100-python/``; SVHN's ``train_32x32.mat`` + ``test_32x32.mat`` (+
+``extra_32x32.mat``); the four idx-ubyte files of MNIST / Fashion-MNIST, plain or ``.gz``, in ``MNIST/raw/`` /
+``FashionMNIST/raw/`` or ``data_dir`` itself); an image-folder tree ``train/<class>/*`` + ``test/<class>/*``
+(PNG or JPEG), either ``data_dir`` itself or a child folder or archive named after the dataset; and finally,
+with ``download=True``, torchvision's download, which removes what it wrote if it fails. Gray 28x28 images
+(MNIST, Fashion-MNIST) become 3x32x32 (channel replicated, zero-padded by 2) so every model runs unchanged.
+Decoded arrays are cached under a content digest so only the first run pays for decoding.
 """
 from __future__ import annotations
 
+import abc
 import bz2
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import lzma
+import math
 import os
 import shutil
+import struct
 import tarfile
 import tempfile
 import warnings
@@ -31,15 +39,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST, SVHN, FashionMNIST
+from torchvision.datasets import utils as tv_utils
 
+from experiments.config import NUM_CLASSES
 from experiments.errors import DataError, UserError
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 IMAGE_SIZE = 32
+GRAY_SIZE = 28  # MNIST and Fashion-MNIST, padded to IMAGE_SIZE
+GRAY_DATASETS = frozenset({"mnist", "fashion-mnist"})
+GRAY_PREPROCESS = "gray 28x28 to 3x32x32: channel replicated, zero-padded by 2 on each side"
+NO_PREPROCESS = "none"
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".zip")
+# How a child folder or archive holding a dataset's image folders may be named (lower-case prefixes).
+SPELLINGS = {"cifar10": ("cifar10", "cifar-10"), "cifar100": ("cifar100", "cifar-100"), "svhn": ("svhn",),
+             "svhn-extra": ("svhn",), "mnist": ("mnist",),
+             "fashion-mnist": ("fashion-mnist", "fashion_mnist", "fashionmnist")}
+DIGITS = tuple(str(d) for d in range(10))
 # Bump when the cached arrays' meaning changes (decoder, ordering), so stale caches are never read.
 CACHE_FORMAT = "datasets-v1"
 # Everything tarfile, zipfile and their decompressors raise for a damaged or truncated archive.
@@ -66,7 +84,7 @@ class ArrayDataset:
 
 @dataclass(frozen=True)
 class DatasetBundle:
-    name: str  # "cifar10" | "cifar100"
+    name: str  # a key of NUM_CLASSES
     train: ArrayDataset
     test: ArrayDataset
     classes: tuple[str, ...]
@@ -74,6 +92,7 @@ class DatasetBundle:
     source: str  # the path the data was read from
     mean: tuple[float, float, float]  # per-channel mean of the train images in [0, 1]
     std: tuple[float, float, float]
+    preprocess: str = NO_PREPROCESS  # what was done to the stored images (GRAY_PREPROCESS for gray datasets)
 
     @property
     def num_classes(self) -> int:
@@ -85,71 +104,84 @@ class DatasetBundle:
 
 def load_dataset(name: str, data_dir: str | Path, download: bool = False,
                  cache_dir: str | Path | None = None) -> DatasetBundle:
-    """Find ``name`` ("cifar10" | "cifar100") in ``data_dir`` (see the module docstring), decode it once
-    into the cache (``cache_dir``, default ``$CNN_ZOO_CACHE`` or ``~/.cache/cnn-zoo``) and return it."""
+    """Find ``name`` (a key of NUM_CLASSES) in ``data_dir`` (see the module docstring), decode it once into
+    the cache (``cache_dir``, default ``$CNN_ZOO_CACHE`` or ``~/.cache/cnn-zoo``) and return it."""
     if name not in NUM_CLASSES:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(NUM_CLASSES)}")
     data_dir = Path(data_dir).expanduser()
+    gray = name in GRAY_DATASETS
     source = _find_source(name, data_dir, download)
-    cache = _cache_root(cache_dir)
     if isinstance(source, _Official):
-        if download:
-            _download_official(name, source.root)  # torchvision skips it when the files pass their md5 check
-        digest = _digest_official(name, source.folder)
-        decode = partial(_read_official, name, source.root)
+        release = RELEASES[name]
+        if download and source.root is not None:
+            _download(name, release, source.root)  # torchvision skips files that pass their md5 check
+        digest = release.digest(source)
+        decode = partial(release.read, source.folder)
         where = source.folder
     elif source.is_dir():
         raws = _read_tree(source)  # the digest needs every byte anyway; keep them for a cache miss
         digest = _digest_entries((rel, data) for _, _, rel, _, data in raws)
-        decode = partial(_assemble, raws, str(source))
+        decode = partial(_assemble, raws, str(source), gray)
         where = source
     else:
         digest = _digest_file(source)
-        decode = partial(_read_archive, source)
+        decode = partial(_read_archive, source, gray)
         where = source
 
-    cached = _cache_read(cache, digest)
+    cache, preprocess = _cache_root(cache_dir), GRAY_PREPROCESS if gray else NO_PREPROCESS
+    # The same image folder read as a gray dataset gives other arrays: keep those apart in the cache.
+    key = f"{digest}-gray" if gray else digest
+    cached = _cache_read(cache, key)
     if cached is None:
         classes, train, test = decode()
         _check_classes(name, classes, where)
         mean, std = _channel_stats(train.images)
         cached = (classes, train, test, mean, std)
-        _cache_write(cache, digest, name, cached)
+        _cache_write(cache, key, {"name": name, "preprocess": preprocess}, cached)
     classes, train, test, mean, std = cached
-    _check_classes(name, classes, where)  # a cache entry can be reached under the other dataset name
+    _check_classes(name, classes, where)  # a cache entry can be reached under another dataset name
     return DatasetBundle(name=name, train=train, test=test, classes=tuple(classes), digest=digest,
-                         source=str(where), mean=mean, std=std)
+                         source=str(where), mean=mean, std=std, preprocess=preprocess)
 
 
 @dataclass(frozen=True)
 class _Official:
-    root: Path  # the directory torchvision's CIFAR classes take as ``root``
-    folder: Path  # root / cifar-10-batches-py (or cifar-100-python)
-
-
-def _official_names(name: str) -> tuple[str, str]:
-    """(extracted folder, release tarball) of the official python release."""
-    return ("cifar-10-batches-py", "cifar-10-python.tar.gz") if name == "cifar10" else \
-        ("cifar-100-python", "cifar-100-python.tar.gz")
+    root: Path | None  # torchvision's ``root`` for the release; None where the files are not in its layout
+    folder: Path  # the folder holding the release's files
 
 
 def _find_source(name: str, data_dir: Path, download: bool) -> _Official | Path:
-    folder_name, tarball_name = _official_names(name)
-    looked_for = (f"{folder_name}/, train/ + test/ folders, or a folder or "
-                  f"{'/'.join(ARCHIVE_SUFFIXES)} archive named {name}* or {name[:5]}-{name[5:]}*")
+    release = RELEASES[name]
+    looked_for = release.looked_for
+    if not release.official_only:
+        named = " or ".join(f"{s}*" for s in SPELLINGS[name])
+        looked_for += f", train/ + test/ folders, or a folder or {'/'.join(ARCHIVE_SUFFIXES)} archive named {named}"
+    fetched = _Official(data_dir, data_dir.joinpath(*release.subdir))  # where --download puts the release
     if not data_dir.exists():
         if download:
-            return _Official(data_dir, data_dir / folder_name)
+            return fetched
         raise DataError(f"data directory {data_dir} does not exist (looked for {looked_for} in it); "
                         f"pass --download to fetch {name} there, or --data-dir pointing at your copy")
+    official = release.locate(data_dir) if data_dir.is_dir() else None
+    if official is not None:
+        return official
+    images = None if release.official_only else _image_source(name, data_dir, release.tarball)
+    if images is not None:
+        return images
+    if download:
+        return fetched
+    hint = (f"; {data_dir / release.tarball} is the official release: extract it there (tar -xzf) or pass "
+            f"--download" if release.tarball and (data_dir / release.tarball).is_file() else "")
+    raise DataError(f"no {name} data in {data_dir}: looked for {looked_for}{hint}; "
+                    f"pass --download to fetch the official release, or --data-dir pointing at your copy")
+
+
+def _image_source(name: str, data_dir: Path, tarball: str | None) -> Path | None:
+    """An image-folder tree or archive of ``name``: ``data_dir`` itself, or a child named after the dataset."""
     if data_dir.is_file():
         if _is_archive(data_dir):
             return data_dir
         raise DataError(f"--data-dir {data_dir} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive")
-    if data_dir.name == folder_name:  # the user pointed at the official folder itself
-        return _Official(data_dir.parent, data_dir)
-    if (data_dir / folder_name).is_dir():
-        return _Official(data_dir, data_dir / folder_name)
     if _has_splits(data_dir):
         return data_dir
     # Extracted folders before archives (an extracted copy usually sits beside its archive), then by name.
@@ -160,22 +192,18 @@ def _find_source(name: str, data_dir: Path, download: bool) -> _Official | Path:
             root = _tree_root(path)
             if root is not None:
                 return root
-        elif _is_archive(path) and path.name != tarball_name:
+        elif _is_archive(path) and path.name != tarball:
             return path
-    if download:
-        return _Official(data_dir, data_dir / folder_name)
-    hint = (f"; {data_dir / tarball_name} is the official release: extract it there (tar -xzf) or pass --download"
-            if (data_dir / tarball_name).is_file() else "")
-    raise DataError(f"no {name} data in {data_dir}: looked for {looked_for}{hint}; "
-                    f"pass --download to fetch the official release, or --data-dir pointing at your copy")
+    return None
 
 
 def _matches_name(name: str, filename: str) -> bool:
+    """Whether ``filename`` starts with a spelling of ``name`` and no longer one of another dataset's
+    (cifar-100.zip is not CIFAR-10's)."""
     lower = filename.lower()
-    spelled = (name, f"{name[:5]}-{name[5:]}")  # cifar10 and cifar-10
-    if name == "cifar10" and lower.startswith(("cifar100", "cifar-100")):
-        return False
-    return lower.startswith(spelled)
+    longest = {other: max((len(s) for s in spellings if lower.startswith(s)), default=0)
+               for other, spellings in SPELLINGS.items()}
+    return longest[name] > 0 and longest[name] == max(longest.values())
 
 
 def _is_archive(path: Path) -> bool:
@@ -246,7 +274,7 @@ def _open_decompressed(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _read_archive(path: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+def _read_archive(path: Path, gray: bool) -> tuple[list[str], ArrayDataset, ArrayDataset]:
     """Read every image straight out of the archive; contents may be wrapped in one top-level folder."""
     raws: list[_Raw] = []
     wrappers: set[str] = set()
@@ -284,22 +312,24 @@ def _read_archive(path: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
     if len(wrappers) > 1:
         tops = ", ".join(sorted(f"{w}/" if w else "(top level)" for w in wrappers))
         raise DataError(f"archive {path} holds more than one train/ + test/ tree: {tops}")
-    return _assemble(raws, f"archive {path}")
+    return _assemble(raws, f"archive {path}", gray)
 
 
-def _decode(data: bytes, where: str) -> np.ndarray:
+def _decode(data: bytes, where: str, gray: bool = False) -> np.ndarray:
+    """(32, 32, 3) RGB, or (28, 28) luminance for a gray dataset."""
+    size = GRAY_SIZE if gray else IMAGE_SIZE
     try:
         with Image.open(io.BytesIO(data)) as im:
             # load() decodes fully, so a truncated file raises here (PIL's LOAD_TRUNCATED_IMAGES is False).
             im.load()
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise DataError(f"image {where} is {im.size[0]}x{im.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-            return np.asarray(im.convert("RGB"))
+            if im.size != (size, size):
+                raise DataError(f"image {where} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
+            return np.asarray(im.convert("L" if gray else "RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {where}: {e}") from None
 
 
-def _assemble(raws: list[_Raw], where: str) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+def _assemble(raws: list[_Raw], where: str, gray: bool) -> tuple[list[str], ArrayDataset, ArrayDataset]:
     """Decode into per-split arrays ordered by (class, path), so a tree and its archive give equal arrays."""
     per_split = {split: sorted({cls for s, cls, *_ in raws if s == split}) for split in SPLITS}
     if not per_split["train"] or not per_split["test"]:
@@ -313,11 +343,22 @@ def _assemble(raws: list[_Raw], where: str) -> tuple[list[str], ArrayDataset, Ar
     datasets = []
     for split in SPLITS:
         items = sorted((index[cls], rel, w, data) for s, cls, rel, w, data in raws if s == split)
-        images = np.empty((len(items), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        shape = (GRAY_SIZE, GRAY_SIZE) if gray else (IMAGE_SIZE, IMAGE_SIZE, 3)
+        images = np.empty((len(items), *shape), np.uint8)
         for i, (_, _, w, data) in enumerate(items):
-            images[i] = _decode(data, w)
-        datasets.append(ArrayDataset(images, np.array([label for label, *_ in items], np.int64)))
+            images[i] = _decode(data, w, gray)
+        labels = np.array([label for label, *_ in items], np.int64)
+        datasets.append(ArrayDataset(_gray_to_rgb32(images) if gray else images, labels))
     return classes, datasets[0], datasets[1]
+
+
+def _gray_to_rgb32(images: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) gray to (N, 32, 32, 3): the channel replicated, zero-padded by 2 on each side, so every
+    zoo model (built for 3x32x32) runs unchanged."""
+    pad = (IMAGE_SIZE - GRAY_SIZE) // 2
+    out = np.zeros((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    out[:, pad:pad + GRAY_SIZE, pad:pad + GRAY_SIZE] = images[..., None]
+    return out
 
 
 def _check_classes(name: str, classes: Sequence[str], where: Path) -> None:
@@ -326,29 +367,236 @@ def _check_classes(name: str, classes: Sequence[str], where: Path) -> None:
                         f"check --dataset and --data-dir")
 
 
-def _torchvision_class(name: str) -> type[CIFAR10]:
-    return CIFAR10 if name == "cifar10" else CIFAR100
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())  # torchvision's download errors span lines
 
 
-def _download_official(name: str, root: Path) -> None:
+# ------------------------------------------------------------------------------------- official releases
+
+
+class _Release(abc.ABC):
+    """An official release as torchvision keeps it: ``files`` in ``root / *subdir``."""
+
+    subdir: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    looked_for = ""  # for messages
+    tarball: str | None = None  # the release archive itself: to extract, never an image-folder archive
+    official_only = False  # True: image folders cannot hold this dataset
+    refetch = "rerun with --download to fetch them"  # what to do about missing files in torchvision's layout
+    loose = True  # the files may also sit directly in data_dir, outside torchvision's layout
+
+    def locate(self, data_dir: Path) -> _Official | None:
+        """The release in or at ``data_dir``: its torchvision folder (even if incomplete), or loose files."""
+        n = len(self.subdir)
+        if n and data_dir.parts[-n:] == self.subdir:  # pointed at the folder itself
+            return _Official(data_dir.parents[n - 1], data_dir)
+        if n and data_dir.joinpath(*self.subdir).is_dir():
+            return _Official(data_dir, data_dir.joinpath(*self.subdir))
+        if self.loose and any(self.find(data_dir, f) for f in self.files):
+            return _Official(None if n else data_dir, data_dir)
+        return None
+
+    def find(self, folder: Path, file: str) -> Path | None:
+        return folder / file if (folder / file).is_file() else None
+
+    def content(self, path: Path) -> bytes:
+        """What the digest covers: the file's bytes."""
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+    def digest(self, source: _Official) -> str:
+        missing = [f for f in self.files if self.find(source.folder, f) is None]
+        if missing:
+            fix = self.refetch if source.root else "add them, or pass --data-dir pointing at a complete copy"
+            raise DataError(f"{source.folder} lacks {', '.join(missing)}; {fix}")
+        return _digest_entries((f, self.content(self.find(source.folder, f))) for f in self.files)
+
+    @abc.abstractmethod
+    def read(self, folder: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+        """(class names, train, test) from the release's files in ``folder``."""
+
+    @abc.abstractmethod
+    def download(self, root: Path) -> None:
+        """Fetch the release into torchvision's ``root`` (skipping files that pass their checksum)."""
+
+
+class _CifarRelease(_Release):
+    """The python release (pickled batches), read through torchvision, which checks the files' md5."""
+
+    loose = False
+    refetch = "delete it and rerun with --download"
+
+    def __init__(self, cls: type[CIFAR10]) -> None:
+        self.cls = cls
+        self.subdir = (cls.base_folder,)
+        self.tarball = cls.filename
+        self.looked_for = f"{cls.base_folder}/"
+
+    @property
+    def files(self) -> tuple[str, ...]:  # read when needed: tests substitute torchvision's file lists
+        return tuple(n for n, _ in self.cls.train_list + self.cls.test_list) + (self.cls.meta["filename"],)
+
+    def read(self, folder: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+        try:
+            splits = [self.cls(folder.parent, train=train) for train in (True, False)]
+        except RuntimeError as e:  # torchvision's md5 check failed
+            raise DataError(f"{folder} is incomplete or corrupt ({e}); delete it and rerun with --download") from None
+        datasets = [ArrayDataset(np.ascontiguousarray(ds.data, np.uint8), np.asarray(ds.targets, np.int64))
+                    for ds in splits]
+        return list(splits[0].classes), datasets[0], datasets[1]
+
+    def download(self, root: Path) -> None:
+        self.cls(root, train=True, download=True)
+
+
+class _SvhnRelease(_Release):
+    """SVHN's cropped digits (format 2): one MATLAB file per split."""
+
+    def __init__(self, extra: bool) -> None:
+        self.splits = ("train", "test", "extra") if extra else ("train", "test")
+        self.files = tuple(SVHN.split_list[s][1] for s in self.splits)
+        self.official_only = extra
+        self.looked_for = " + ".join(self.files)
+        if extra:
+            self.looked_for += (" (image folders have no extra split: merge its images into train/ and use "
+                                "--dataset svhn)")
+
+    def read(self, folder: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+        train, test, *extra = (_read_mat(folder / f) for f in self.files)
+        if extra:
+            train = ArrayDataset(np.concatenate([train.images, extra[0].images]),
+                                 np.concatenate([train.labels, extra[0].labels]))
+        return list(DIGITS), train, test
+
+    def download(self, root: Path) -> None:
+        for split in self.splits:
+            url, filename, md5 = SVHN.split_list[split]
+            tv_utils.download_url(url, str(root), filename, md5)
+
+
+class _IdxRelease(_Release):
+    """MNIST's idx-ubyte files (Fashion-MNIST uses the same names and format), plain or gzipped."""
+
+    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+    def __init__(self, cls: type[MNIST], classes: Sequence[str]) -> None:
+        self.cls = cls
+        self.classes = list(classes)
+        self.subdir = (cls.__name__, "raw")
+        self.looked_for = f"{cls.__name__}/raw/ or the idx-ubyte files ({self.files[0]}[.gz], ...)"
+
+    def find(self, folder: Path, file: str) -> Path | None:
+        return super().find(folder, file) or super().find(folder, f"{file}.gz")
+
+    def content(self, path: Path) -> bytes:
+        """The decompressed bytes, so a gzipped and a plain copy have one digest."""
+        data = super().content(path)
+        if path.suffix != ".gz":
+            return data
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+    def read(self, folder: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
+        datasets = []
+        for images_file, labels_file in (self.files[:2], self.files[2:]):
+            x_path, y_path = self.find(folder, images_file), self.find(folder, labels_file)
+            images = _parse_idx(self.content(x_path), x_path, (None, GRAY_SIZE, GRAY_SIZE))
+            labels = _parse_idx(self.content(y_path), y_path, (len(images),))
+            if len(labels) and labels.max() >= len(self.classes):
+                raise DataError(f"{y_path} has label {labels.max()}; {self.cls.__name__} labels are 0..9")
+            datasets.append(ArrayDataset(_gray_to_rgb32(images), labels.astype(np.int64)))
+        return self.classes, datasets[0], datasets[1]
+
+    def download(self, root: Path) -> None:
+        self.cls(root, train=True, download=True)
+
+
+RELEASES: dict[str, _Release] = {
+    "cifar10": _CifarRelease(CIFAR10), "cifar100": _CifarRelease(CIFAR100),
+    "svhn": _SvhnRelease(extra=False), "svhn-extra": _SvhnRelease(extra=True),
+    "mnist": _IdxRelease(MNIST, DIGITS), "fashion-mnist": _IdxRelease(FashionMNIST, FashionMNIST.classes),
+}
+
+
+def _read_mat(path: Path) -> ArrayDataset:
+    """One SVHN split: X (32, 32, 3, N) uint8 and y (N, 1) in 1..10, where 10 is the digit 0."""
+    from scipy.io import loadmat  # scipy is slow to import and only SVHN needs it
+    from scipy.io.matlab import MatReadError
+
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _torchvision_class(name)(root, train=True, download=True)
+        mat = loadmat(path, variable_names=("X", "y"))
+    except (MatReadError, ValueError, OSError, IndexError, EOFError, NotImplementedError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: truncated or not a MATLAB v5 file ({type(e).__name__}: "
+                        f"{_one_line(e)})") from None
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None:
+        raise DataError(f"{path} lacks the X and y arrays of SVHN's cropped digits")
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise DataError(f"{path}: X is {x.dtype} {x.shape}, expected uint8 (32, 32, 3, N)")
+    n = x.shape[3]
+    if y.shape not in ((n, 1), (n,)) or y.dtype.kind not in "uif":
+        raise DataError(f"{path}: y is {y.dtype} {y.shape}, expected numbers ({n}, 1) for the {n} images in X")
+    labels = y.reshape(n)
+    if n and (labels.min() < 1 or labels.max() > 10 or (labels != np.round(labels)).any()):
+        raise DataError(f"{path}: labels must be the integers 1..10 (10 is the digit 0)")
+    # SVHN labels the digit 0 as 10; torchvision maps it to 0 the same way.
+    return ArrayDataset(np.ascontiguousarray(x.transpose(3, 0, 1, 2)), labels.astype(np.int64) % 10)
+
+
+def _parse_idx(data: bytes, path: Path, shape: tuple[int | None, ...]) -> np.ndarray:
+    """An idx file of unsigned bytes (two zero bytes, type 0x08, the number of dimensions, the sizes as
+    big-endian uint32, the data) whose sizes match ``shape`` (None: any size)."""
+    ndim, head = len(shape), 4 + 4 * len(shape)
+    if len(data) < head:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than its header")
+    if data[:3] != b"\0\0\x08" or data[3] != ndim:
+        raise DataError(f"{path} is not a {ndim}-dimensional idx-ubyte file (magic number 0x{data[:4].hex()})")
+    sizes = struct.unpack(f">{ndim}I", data[4:head])
+    if any(want is not None and got != want for got, want in zip(sizes, shape)):
+        raise DataError(f"{path} holds {'x'.join(map(str, sizes))} values, expected "
+                        f"{'x'.join('N' if w is None else str(w) for w in shape)}")
+    if len(data) != head + math.prod(sizes):
+        raise DataError(f"{path} is {len(data)} bytes but its header says {head + math.prod(sizes)}: truncated "
+                        f"or damaged")
+    return np.frombuffer(data, np.uint8, offset=head).reshape(sizes)
+
+
+def _download(name: str, release: _Release, root: Path) -> None:
+    folders = [root.joinpath(*release.subdir[:i]) for i in range(len(release.subdir) + 1)]
+    try:
+        with _removed_on_failure(folders):
+            root.mkdir(parents=True, exist_ok=True)
+            release.download(root)
     except Exception as e:  # URLError, HTTPError, timeouts, checksum RuntimeError, disk errors
-        raise DataError(f"could not download {name} into {root} ({type(e).__name__}: {e}); without internet, "
-                        f"pass --data-dir pointing at a copy (official release or image-folder archive)") from None
+        raise DataError(f"could not download {name} into {root} ({type(e).__name__}: {_one_line(e)}); without "
+                        f"internet, pass --data-dir pointing at a copy (official release or image-folder "
+                        f"archive)") from None
 
 
-def _read_official(name: str, root: Path) -> tuple[list[str], ArrayDataset, ArrayDataset]:
-    cls = _torchvision_class(name)
+@contextlib.contextmanager
+def _removed_on_failure(folders: Sequence[Path]) -> Iterator[None]:
+    """If the block raises, remove what it created: new entries in each of ``folders`` (outermost first)
+    and the missing parents of the outermost, so a failed download leaves the disk as it found it."""
+    missing = [p for p in (folders[0], *folders[0].parents) if not p.exists()]
+    before = {f: set(f.iterdir()) for f in folders if f.is_dir()}
     try:
-        splits = [cls(root, train=train) for train in (True, False)]
-    except RuntimeError as e:  # torchvision's md5 check failed
-        raise DataError(f"{root / cls.base_folder} is incomplete or corrupt ({e}); delete it and rerun with "
-                        f"--download") from None
-    datasets = [ArrayDataset(np.ascontiguousarray(ds.data, np.uint8), np.asarray(ds.targets, np.int64))
-                for ds in splits]
-    return list(splits[0].classes), datasets[0], datasets[1]
+        yield
+    except BaseException:
+        for folder in reversed(folders):
+            if folder in before and folder.is_dir():
+                for path in set(folder.iterdir()) - before[folder]:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ digests
@@ -373,15 +621,6 @@ def _digest_entries(entries: Iterable[tuple[str, bytes]]) -> str:
         h.update(len(encoded).to_bytes(8, "little") + encoded + len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
-
-
-def _digest_official(name: str, folder: Path) -> str:
-    cls = _torchvision_class(name)
-    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise DataError(f"{folder} lacks {', '.join(missing)}; delete it and rerun with --download")
-    return _digest_entries((n, (folder / n).read_bytes()) for n in names)
 
 
 # -------------------------------------------------------------------------------------------------- cache
@@ -412,8 +651,9 @@ def _cache_read(cache: Path, digest: str) -> _Cached | None:
         return None
 
 
-def _cache_write(cache: Path, digest: str, name: str, cached: _Cached) -> None:
-    """Write into a temporary folder and rename it into place, so readers never see a partial entry."""
+def _cache_write(cache: Path, digest: str, about: dict[str, str], cached: _Cached) -> None:
+    """Write into a temporary folder and rename it into place, so readers never see a partial entry.
+    ``about`` (dataset name, preprocessing) goes into meta.json for people reading the cache."""
     classes, train, test, mean, std = cached
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -425,7 +665,7 @@ def _cache_write(cache: Path, digest: str, name: str, cached: _Cached) -> None:
     try:
         for a, array in zip(_ARRAYS, (train.images, train.labels, test.images, test.labels)):
             np.save(tmp / f"{a}.npy", array, allow_pickle=False)
-        meta = {"name": name, "classes": list(classes), "mean": list(mean), "std": list(std),
+        meta = {**about, "classes": list(classes), "mean": list(mean), "std": list(std),
                 "train_size": len(train), "test_size": len(test)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.rename(tmp, cache / digest)

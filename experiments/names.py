@@ -40,3 +40,22 @@ IMAGES_PER_SECOND = "images_per_second"
 RECIPE_HASH = "recipe_hash"
 DATA_DIGEST = "data.digest"
 MODEL_PARAM_PREFIX = "model."  # model.<hyperparameter>
+ARCH, FAMILY, DATASET, RECIPE, SEED = "arch", "family", "dataset", "recipe", "seed"
+EPOCHS, BATCH_SIZE, DEVICE = "epochs", "batch_size", "device"
+TRAIN_SIZE, VAL_SIZE, TEST_SIZE = "data.train_size", "data.val_size", "data.test_size"
+NUM_CLASSES = "data.num_classes"
+RECIPE_PARAM_PREFIX = "recipe."  # recipe.<field>, the resolved recipe flattened (recipe.optimizer.lr, ...)
+
+# --- timings and divergence ---
+EVAL_SECONDS = "eval_seconds"  # evaluation only; runs that log it log TRAIN_SECONDS as training steps only
+WALL_SECONDS = "wall_seconds"  # the whole run, start to end
+DIVERGED = "cnn_zoo.diverged"  # tag: why a run that still finished was judged diverged
+GIT_COMMIT, DEVICE_NAME = "git_commit", "device_name"  # provenance tags
+
+# --- sweeps (a study's parent run and its trial runs) ---
+REJECTED = "cnn_zoo.rejected"  # tag of a trial run never trained: why (over --max-params)
+RETRY_OF = "optuna.retry_of"  # tag: the trial number whose parameters a retried trial trains again
+BEST_TRIAL = "best_trial"  # tag of a parent run: its best trial's number
+N_TRIALS = "n_trials"  # metric of a parent run: the trials that count
+LR = "lr"  # per-epoch: the learning rate of the epoch's last update
+COMMAND = "command"  # tag: the command line that started a run

@@ -2,47 +2,53 @@
 
     python experiments/run.py --arch densenet_bc
     python experiments/run.py --arch resnet20,resnet56 --recipe fast --seeds 0,1,2
+    python experiments/run.py --arch resnet20,densenet_bc:depth=40,growth_rate=12 --recipe fast
     python experiments/run.py --resume latest
 
-Reads top to bottom: parse -> config -> (data -> model -> fit -> record, inside fit()).
+Reads top to bottom: parse -> config -> (data -> model -> fit -> record, inside fit()). torch, MLflow and the
+zoo are imported by the functions that need them, so --help, --list and argument errors answer at once.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # `python experiments/run.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml
 
-import zoo
-from experiments import checkpoint as ckpt_io
-from experiments.config import Recipe, RunConfig, apply_overrides, list_recipes, load_recipe, parse_key_value
-from experiments.data import NUM_CLASSES
+from experiments import names
+from experiments.cli import Parser, exit_code
+from experiments.config import (NUM_CLASSES, TIMM_PREFIX, Recipe, RunConfig, apply_overrides, arch_label,
+                                flag_overrides, list_recipes, load_recipe, parse_arch_spec, parse_key_value)
 from experiments.errors import UserError
-from experiments.tracking import DEFAULT_EXPERIMENT, MlflowTracker, Tracker, default_tracking_uri, normalize_uri
-from experiments.train import DistEnv, FitOptions, Interrupted, NonFiniteLoss, fit, saved_config
+from experiments.zoo_names import registered_names
+
+if TYPE_CHECKING:
+    from experiments.tracking import Tracker
 
 # Defaults of the flags that --resume must tell apart from "not given" (a resumed run keeps its own).
 DEFAULTS = {"data_dir": "./data", "device": "auto", "compile": False}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the whole usage)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+IMAGE_SIDE = 32  # the datasets' images are 32x32
+MIN_FEATURE_SIDE = 4  # a timm model whose last feature map is smaller than this at 32x32 gets a warning
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", help="zoo model name(s): NAME[,NAME...], 'all', or timm:<name>")
+    p = Parser("run.py", __doc__)
+    p.add_argument("--arch", help="zoo model name(s): NAME[:KEY=VALUE,...][,NAME...] (KEY=VALUE after NAME: are "
+                                  "that model's arguments), 'all', or timm:<name>")
     p.add_argument("--list", action="store_true", help="print the zoo and the recipes, then exit")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(NUM_CLASSES), default="cifar10")
-    g.add_argument("--data-dir", help="official CIFAR folders, an image-folder tree or an archive (default ./data)")
-    g.add_argument("--download", action="store_true", help="let torchvision fetch the official CIFAR files (needs internet)")
+    g.add_argument("--svhn-extra", action="store_true",
+                   help="SVHN: add the 531,131 extra images (extra_32x32.mat) to training, as the DenseNet paper does")
+    g.add_argument("--data-dir", help="official release files, an image-folder tree or an archive (default ./data)")
+    g.add_argument("--download", action="store_true", help="let torchvision fetch the official release files (needs internet)")
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (recipe default 5000)")
     g.add_argument("--subset", type=int, help="train on the class-balanced first N training images")
     g = p.add_argument_group("recipe")
@@ -52,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field, e.g. schedule.name=multistep")
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("model (for every --arch; NAME:KEY=VALUE gives one architecture its own)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter (repeatable)")
     g.add_argument("--depth", type=int, help="DenseNet family: depth L")
     g.add_argument("--growth-rate", type=int, help="DenseNet family: growth rate k")
@@ -67,25 +73,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     g = p.add_argument_group("tracking and checkpoints")
     g.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    g.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    g.add_argument("--experiment", default=names.DEFAULT_EXPERIMENT)
     g.add_argument("--run-name")
     g.add_argument("--no-tracking", action="store_true", help="train without MLflow (checkpoints still written)")
+    g.add_argument("--verbose", action="store_true", help="show MLflow's own INFO messages (store creation, system metrics)")
     g.add_argument("--output-dir", default="./outputs", help="checkpoints go to OUTPUT_DIR/checkpoints/RUN_ID/")
     g.add_argument("--resume", metavar="RUN_ID|latest", help="continue a run from its last checkpoint")
     g.add_argument("--force-resume", action="store_true", help="resume even if the recipe or architecture differs")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved config and the model's params/FLOPs, exit")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved config, the model's arguments and "
+                                                          "params/FLOPs, exit")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
 
 
-def resolve_archs(spec: str) -> list[str]:
-    names = zoo.list_models() if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
-    for name in names:
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the command, its model checked on the meta device before the first run trains."""
+
+    config: RunConfig
+    info: dict[str, int]  # params and FLOPs (zoo.variant_info)
+    hparams: dict[str, Any]  # what the model is built with: the zoo's defaults updated by the given arguments
+    label: str  # the architecture and its non-default arguments: names the run and its seed group
+    warning: str | None = None
+
+
+def resolve_archs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(architecture, model arguments) per --arch entry: its own arguments and the global ones (--model-arg,
+    --depth, ...), which every architecture in the list must accept."""
+    import zoo
+
+    common = model_args(args)
+    entries = [(name, {}) for name in zoo.list_models()] if args.arch == "all" else parse_arch_spec(args.arch)
+    for name, own in entries:
         try:
             zoo.model_family(name)  # the "did you mean" error comes now, before any training
         except ValueError as e:
             raise UserError(str(e)) from None
-    return names
+        if both := sorted(own.keys() & common.keys()):
+            raise UserError(f"{name}: {', '.join(both)} is given both after '{name}:' in --arch and as a flag "
+                            f"for every architecture; give it once")
+    return [(name, own | common) for name, own in entries]
 
 
 def model_args(args: argparse.Namespace) -> dict:
@@ -105,25 +132,25 @@ def build_recipe(args: argparse.Namespace, base: Recipe | None = None) -> Recipe
     recipe = base or load_recipe(args.recipe or "standard")
     shortcuts = {"batch_size": args.batch_size, "optimizer.lr": args.lr, "optimizer.weight_decay": args.weight_decay,
                  "val_size": args.val_size, "subset": args.subset}
-    if args.epochs is not None:
-        shortcuts |= {"epochs": args.epochs, "max_steps": None}
-    overrides = {k: v for k, v in shortcuts.items() if v is not None}
-    overrides |= dict(parse_key_value(s, "--set") for s in args.set)
+    overrides = flag_overrides(shortcuts, args.epochs, args.set)
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
-def build_configs(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
-    """One RunConfig per (architecture, seed), each with its model's params/FLOPs (checked now, so invalid
-    hyperparameters fail before the first model trains)."""
+def build_configs(args: argparse.Namespace) -> list[PlannedRun]:
+    """One run per (architecture, seed), each model checked now, so invalid hyperparameters fail before the
+    first model trains."""
     if not args.arch:
         raise UserError("--arch is required (or --resume RUN_ID|latest, or --list)")
     recipe = build_recipe(args)
     seeds = [args.seed] if not args.seeds else [_int(s, "--seeds") for s in args.seeds.split(",")]
-    common = dict(dataset=args.dataset, download=args.download, amp=args.amp, channels_last=args.channels_last,
+    if args.svhn_extra and args.dataset not in ("svhn", "svhn-extra"):
+        raise UserError("--svhn-extra adds SVHN's extra images to training: use it with --dataset svhn")
+    dataset = "svhn-extra" if args.svhn_extra else args.dataset
+    common = dict(dataset=dataset, download=args.download, amp=args.amp, channels_last=args.channels_last,
                   output_dir=args.output_dir, **explicit_device_flags(args, DEFAULTS))
-    hp = model_args(args)
-    configs = [RunConfig(arch=a, recipe=recipe, model=hp, seed=s, **common) for a in resolve_archs(args.arch) for s in seeds]
-    return [(cfg, _check_model(cfg)) for cfg in configs]
+    configs = [RunConfig(arch=arch, recipe=recipe, model=hp, seed=s, **common)
+               for arch, hp in resolve_archs(args) for s in seeds]
+    return [plan_run(cfg) for cfg in configs]
 
 
 def explicit_device_flags(args: argparse.Namespace, fallback: dict) -> dict:
@@ -131,15 +158,40 @@ def explicit_device_flags(args: argparse.Namespace, fallback: dict) -> dict:
     return {k: getattr(args, k) if getattr(args, k) is not None else fallback[k] for k in DEFAULTS}
 
 
-def _check_model(cfg: RunConfig) -> dict:
-    import torch
+def plan_run(cfg: RunConfig) -> PlannedRun:
+    import zoo
 
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        try:
-            model = zoo.create_model(cfg.arch, num_classes=NUM_CLASSES[cfg.dataset], **cfg.model)
-        except (ValueError, TypeError) as e:
-            raise UserError(str(e)) from None
-    return zoo.model_info(model)
+    timm = cfg.arch.startswith(TIMM_PREFIX)
+    try:
+        info = zoo.variant_info(cfg.arch, NUM_CLASSES[cfg.dataset], **cfg.model)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    except AssertionError as e:  # timm's fixed-size models (ViTs) assert the input size
+        if not timm:
+            raise
+        raise UserError(f"{cfg.arch} does not take {IMAGE_SIDE}x{IMAGE_SIDE} images ({e}); if it has an img_size "
+                        f"argument, give it: --arch {cfg.arch}:img_size={IMAGE_SIDE}") from None
+    defaults = {} if timm else zoo.model_defaults(cfg.arch)  # timm keeps its defaults inside its constructors
+    return PlannedRun(cfg, info, defaults | cfg.model, arch_label(cfg.arch, cfg.model, defaults),
+                      timm_stem_warning(cfg) if timm else None)
+
+
+def timm_stem_warning(cfg: RunConfig) -> str | None:
+    """A warning when a timm model, designed for ImageNet's 224x224 images, shrinks a 32x32 image to a tiny
+    feature map (its stem alone typically downsamples 2-4x), read from the model's feature_info on meta."""
+    import torch
+    import zoo
+
+    with torch.device("meta"):
+        model = zoo.create_model(cfg.arch, num_classes=NUM_CLASSES[cfg.dataset], **cfg.model)
+    reductions = [f["reduction"] for f in getattr(model, "feature_info", None) or [] if "reduction" in f]
+    if not reductions or IMAGE_SIDE // max(reductions) >= MIN_FEATURE_SIDE:
+        return None
+    designed = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:]
+    first, last = (max(IMAGE_SIDE // r, 1) for r in (reductions[0], max(reductions)))
+    return (f"warning: {cfg.arch} was designed for {designed[0]}x{designed[1]} ImageNet images: its stem downsamples "
+            f"a {IMAGE_SIDE}x{IMAGE_SIDE} input to {first}x{first} and its last stage sees {last}x{last}, which "
+            f"costs accuracy; the zoo's variants are built for {IMAGE_SIDE}x{IMAGE_SIDE}")
 
 
 def _int(text: str, flag: str) -> int:
@@ -153,70 +205,101 @@ def resume_config(args: argparse.Namespace, ckpt: dict) -> RunConfig:
     """The checkpoint's config, with only what the command line states explicitly replaced. Device, data
     location and the math-preserving speed flags may change; fit() refuses another arch, recipe, model
     or dataset content unless --force-resume."""
+    from experiments.resume import saved_config
+
     saved = saved_config(ckpt)
     changes = {"output_dir": args.output_dir, **explicit_device_flags(args, saved.__dict__)}
     changes |= {k: getattr(args, k) for k in ("amp", "channels_last") if getattr(args, k) is not None}
     if args.arch is not None or recipe_given(args) or args.model_arg:
-        changes |= {"arch": args.arch or saved.arch, "recipe": build_recipe(args, base=None if args.recipe else saved.recipe),
-                    "model": model_args(args) or saved.model}
+        entries = resolve_archs(args) if args.arch is not None else [(saved.arch, model_args(args))]
+        if len(entries) != 1:
+            raise UserError(f"--resume continues one run, but --arch names {len(entries)} architectures")
+        ((arch, model),) = entries
+        changes |= {"arch": arch, "recipe": build_recipe(args, base=None if args.recipe else saved.recipe),
+                    "model": model or saved.model}
     return RunConfig(**{**saved.__dict__, **changes})
 
 
 def make_tracker(args: argparse.Namespace, uri: str | None = None) -> Tracker:
+    from experiments.tracking import MlflowTracker, Tracker, default_tracking_uri, mlflow_logging
+    from experiments.runtime import DistEnv
+
     if args.no_tracking or not DistEnv.from_environ().main:  # under torchrun only rank 0 records
         return Tracker()
+    mlflow_logging(verbose=args.verbose)
     return MlflowTracker(uri or args.tracking_uri or default_tracking_uri(), args.experiment)
+
+
+def print_list() -> None:
+    print("models:", ", ".join(registered_names()), "(and timm:<name>; `python -m zoo` shows params/FLOPs)")
+    for name in list_recipes():
+        print(f"recipe {name:<15} {load_recipe(name).description}")
+
+
+def print_dry_run(planned: list[PlannedRun]) -> None:
+    for run in planned:
+        cfg, info = run.config, run.info
+        print(yaml.safe_dump(cfg.to_dict() | {"recipe_hash": cfg.recipe.hash()}, sort_keys=False))
+        given = "timm's own defaults, updated by" if cfg.arch.startswith(TIMM_PREFIX) else "defaults and"
+        arguments = yaml.safe_dump(run.hparams, default_flow_style=True, sort_keys=False).strip()
+        print(f"# {cfg.arch} is built with ({given} the given arguments): {arguments}")
+        print(f"# {cfg.arch}: {info['params']:,} trainable params, {info['flops']:,} FLOPs/image "
+              f"({info['flops'] / 1e9:.3f} GFLOPs; 1 MAC = 2 FLOPs)\n")
+
+
+def resume(args: argparse.Namespace) -> None:
+    """Continue one run where its checkpoint left off, recorded in the store it started in."""
+    from experiments import checkpoint as ckpt_io
+    from experiments.tracking import Tracker, normalize_uri
+    from experiments.fit import FitOptions, fit
+
+    ckpt = ckpt_io.load(ckpt_io.find_resume(args.output_dir, args.resume))
+    cfg = resume_config(args, ckpt)
+    recorded = ckpt.get("tracking_uri")
+    if args.tracking_uri and normalize_uri(args.tracking_uri) != recorded:
+        raise UserError(f"run {ckpt['run_id']} is recorded in {recorded or 'no tracking store (--no-tracking)'}; "
+                        f"resume it without --tracking-uri")
+    tracker = Tracker() if recorded is None else make_tracker(args, recorded)
+    fit(cfg, tracker, options=FitOptions(resume=ckpt, force_resume=args.force_resume, progress=_progress(args)))
+
+
+def train(args: argparse.Namespace, planned: list[PlannedRun], command: str) -> None:
+    """data -> model -> fit -> record, once per planned run (inside fit())."""
+    from experiments.fit import FitOptions, fit
+
+    group = uuid.uuid4().hex[:8] if args.seeds else None
+    for run in planned:
+        cfg = run.config
+        tags = {names.KIND: names.KIND_TRAIN, names.COMMAND: command}
+        tags |= {names.SEED_GROUP: f"{run.label}-{cfg.recipe.hash()}-{group}"} if group else {}
+        fit(cfg, make_tracker(args), options=FitOptions(
+            run_name=args.run_name or f"{run.label}-{cfg.recipe.name}-s{cfg.seed}", tags=tags,
+            progress=_progress(args)))
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None  # None: a bar when stderr is a terminal
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.list:
-            print("models:", ", ".join(zoo.list_models()), "(and timm:<name>; `python -m zoo` shows params/FLOPs)")
-            for name in list_recipes():
-                print(f"recipe {name:<15} {load_recipe(name).description}")
-            return 0
+    command = " ".join(["run.py", *(sys.argv[1:] if argv is None else argv)])
+    return exit_code(lambda: run_command(args, command))
 
-        if args.resume:  # --- resume one run where its checkpoint left off ---
-            ckpt = ckpt_io.load(ckpt_io.find_resume(args.output_dir, args.resume))
-            cfg = resume_config(args, ckpt)
-            recorded = ckpt.get("tracking_uri")
-            if args.tracking_uri and normalize_uri(args.tracking_uri) != recorded:
-                raise UserError(f"run {ckpt['run_id']} is recorded in {recorded or 'no tracking store (--no-tracking)'}; "
-                                f"resume it without --tracking-uri")
-            tracker = Tracker() if recorded is None else make_tracker(args, recorded)
-            fit(cfg, tracker, options=FitOptions(resume=ckpt, force_resume=args.force_resume,
-                                                  progress=False if args.no_progress else None))
-            return 0
 
-        configs = build_configs(args)  # --- config ---
+def run_command(args: argparse.Namespace, command: str) -> None:
+    if args.list:
+        print_list()
+    elif args.resume:
+        resume(args)
+    else:
+        planned = build_configs(args)
+        for warning in dict.fromkeys(run.warning for run in planned if run.warning):
+            print(warning, file=sys.stderr)
         if args.dry_run:
-            for cfg, info in configs:
-                print(yaml.safe_dump(cfg.to_dict() | {"recipe_hash": cfg.recipe.hash()}, sort_keys=False))
-                print(f"# {cfg.arch}: {info['params']:,} trainable params, {info['flops']:,} FLOPs/image "
-                      f"({info['flops'] / 1e9:.3f} GFLOPs; 1 MAC = 2 FLOPs)\n")
-            return 0
-
-        group = uuid.uuid4().hex[:8] if args.seeds else None
-        command = " ".join(["run.py", *(sys.argv[1:] if argv is None else argv)])
-        for cfg, _ in configs:  # --- data -> model -> fit -> record, once per run ---
-            tags = {"cnn_zoo.kind": "train", "command": command}
-            tags |= {"seed_group": f"{cfg.arch}-{cfg.recipe.hash()}-{group}"} if group else {}
-            fit(cfg, make_tracker(args), options=FitOptions(
-                run_name=args.run_name or f"{cfg.arch}-{cfg.recipe.name}-s{cfg.seed}", tags=tags,
-                progress=False if args.no_progress else None))
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e} (run marked FAILED)", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print("interrupted (run marked KILLED)", file=sys.stderr)
-        return 130
+            print_dry_run(planned)
+        else:
+            train(args, planned, command)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from experiments.errors import UserError
+from experiments.names import PARENT_RUN_ID
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "cnn-zoo"
@@ -71,6 +76,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(e, "reason", e)
         raise UserError(f"tracking server {uri} is unreachable ({reason}); start it, fix --tracking-uri, "
                         f"or train with --no-tracking") from None
+
+
+def mlflow_logging(verbose: bool) -> None:
+    """MLflow logs at INFO what says nothing about training: the SQLite schema's creation and the system-metrics
+    monitor's start and stop, four to six lines a run. Show them only when ``verbose`` (or when
+    $MLFLOW_LOGGING_LEVEL asks for a level)."""
+    import mlflow  # noqa: F401  (importing it sets its logger's level from $MLFLOW_LOGGING_LEVEL; set it after)
+
+    logging.getLogger("mlflow").setLevel(os.environ.get("MLFLOW_LOGGING_LEVEL") or ("INFO" if verbose else "WARNING"))
 
 
 def init_store(uri: str, experiment: str) -> str:
@@ -255,3 +269,84 @@ class MlflowTracker(Tracker):
         import mlflow
 
         mlflow.end_run(status=status)
+
+
+@dataclass(frozen=True)
+class RunState:
+    status: str  # RUNNING, FINISHED, FAILED or KILLED
+    deleted: bool
+
+
+class TrackingStore:
+    """Runs of one MLflow store addressed by id, for what is recorded beside fit()'s own (active) run: a
+    sweep's parent run, the state tag of a trial run that has ended, a run for a trial that was never
+    trained, and the run of a worker that died. None of them becomes the process's active run, so fit()
+    can start its own in between."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.uri = normalize_uri(tracking_uri)
+        self.experiment = experiment
+
+    @functools.cached_property
+    def _client(self) -> Any:
+        import mlflow
+
+        return mlflow.MlflowClient(self.uri)
+
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        return init_store(self.uri, self.experiment)
+
+    def run_state(self, run_id: str) -> RunState | None:
+        """None when the store holds no run ``run_id``."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            info = self._client.get_run(run_id).info
+        except MlflowException:
+            return None
+        return RunState(info.status, info.lifecycle_stage == "deleted")
+
+    def create_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
+                   metrics: dict[str, float] | None = None, parent_run_id: str | None = None) -> str:
+        """A RUNNING run with its tags, params and step-0 metrics; returns its id."""
+        from mlflow.entities import Metric, Param
+
+        tags = tags | ({PARENT_RUN_ID: parent_run_id} if parent_run_id is not None else {})
+        run_id = self._client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        now = int(time.time() * 1000)
+        self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                               metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()])
+        return run_id
+
+    def reopen(self, run_id: str) -> None:
+        """RUNNING again, e.g. a sweep's parent run while more trials or a retrain are added to it."""
+        self._client.update_run(run_id, status="RUNNING")
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self._client.set_terminated(run_id, status)
+
+    def end_if_running(self, run_id: str, status: str, tags: dict[str, str]) -> bool:
+        """Tag and end a run that its process left RUNNING (the process died); False if it had ended."""
+        state = self.run_state(run_id)
+        if state is None or state.status != "RUNNING":
+            return False
+        self.set_tags(run_id, tags)
+        self.end_run(run_id, status)
+        return True
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(run_id, key, value)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        """At step 0: values that sum up the run."""
+        for key, value in metrics.items():
+            self._client.log_metric(run_id, key, value)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure, saved tight (no clipped labels)."""
+        self._client.log_figure(run_id, figure, artifact_file, save_kwargs={"bbox_inches": "tight"})

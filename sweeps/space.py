@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import yaml
 
 from experiments.errors import UserError
+from sweeps.settings import Column
+from zoo.densenet import is_densenet_bc_depth
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "spaces" / "densenet_bc.yaml"
 DEFAULT_POINT = {"growth_rate": 12, "compression": 0.5, "depth": 100}  # Huang et al. 2017's DenseNet-BC
@@ -25,6 +27,11 @@ class SearchSpace:
     growth_rate: tuple[int, int, int] = (8, 48, 4)  # low, high, step
     compression: tuple[float, float] = (0.2, 1.0)  # low, high
     depths: tuple[int, ...] = (100,)
+
+    # How the generic sweep code shows a point: result-table columns and the contour plot of k against θ.
+    columns: ClassVar[tuple[Column, ...]] = (Column("depth", "depth", 6), Column("k", "growth_rate", 4),
+                                             Column("θ", "compression", 6, ".3f"))
+    contour: ClassVar[tuple[str, tuple[str, str]]] = ("contour_k_theta", ("growth_rate", "compression"))
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """The model hyperparameters of ``trial`` (zoo.create_model kwargs)."""
@@ -51,6 +58,10 @@ class SearchSpace:
         return {"depth": params.get("depth", self.depths[0]), "growth_rate": params["growth_rate"],
                 "compression": params["compression"]}
 
+    def smallest_model(self) -> dict[str, Any]:
+        """The hyperparameters of the space's model with the fewest parameters."""
+        return {"depth": min(self.depths), "growth_rate": self.growth_rate[0], "compression": self.compression[0]}
+
     def to_dict(self) -> dict[str, Any]:
         low, high, step = self.growth_rate
         return {"growth_rate": {"low": low, "high": high, "step": step},
@@ -59,12 +70,15 @@ class SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a space file; every problem is a one-line UserError naming the file."""
+    """Read and validate a space file; every problem is a one-line UserError naming the file. A pipe reads
+    too (``--space <(...)``, a /dev/fd path)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise UserError(f"search space file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read search space file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UserError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     raw = {} if raw is None else raw
@@ -125,7 +139,7 @@ def _depths(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise UserError(f"{where}: depths must be a non-empty list of integers, got {value!r}")
     for d in value:
-        if not _is_int(d) or d < 10 or (d - 4) % 6:
+        if not _is_int(d) or not is_densenet_bc_depth(d):
             raise UserError(f"{where}: depth {d!r} is not a DenseNet-BC depth: need an integer L >= 10 with "
                             f"(L - 4) % 6 == 0 (e.g. 40, 100, 190)")
     if len(set(value)) != len(value):

@@ -1,22 +1,54 @@
-"""`python -m zoo [--json] [--num-classes N]`: every registered variant with params and FLOPs."""
+"""`python -m zoo [--json] [--num-classes N]`: every registered variant with params and FLOPs.
+
+Tracing every variant's FLOPs takes seconds, so the table is cached under $CNN_ZOO_CACHE (default
+~/.cache/cnn-zoo, as for the datasets), keyed by the zoo's source files, the versions of the libraries its
+models are built from and the class count: any edit to the zoo computes it afresh.
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-
-import torch
+import os
+from importlib.metadata import version
+from pathlib import Path
 
 import zoo
 
+CACHE_FOLDER = "zoo-table-v1"  # bump when the rows' meaning changes
+LIBRARIES = ("torch", "torchvision", "timm")  # the zoo's models are built from their layers
 
-def zoo_table(num_classes: int = 10) -> list[dict]:
-    rows = []
-    for name in zoo.list_models():
-        with torch.device("meta"):  # parameter shapes and traced FLOPs need no real memory or init
-            model = zoo.create_model(name, num_classes=num_classes)
-        info = zoo.model_info(model)
-        rows.append({"name": name, "family": zoo.model_family(name), **info})
+
+def zoo_table(num_classes: int = 10, cache_dir: str | Path | None = None) -> list[dict]:
+    """One row per variant: name, family, params, total_params, flops, macs (counted on the meta device)."""
+    path = _cache_root(cache_dir) / f"{source_key(num_classes)}.json"
+    try:
+        rows = json.loads(path.read_text())
+        if [r["name"] for r in rows] == zoo.list_models():
+            return rows
+    except (OSError, ValueError, TypeError, KeyError):  # no cache yet, or a damaged one: count again
+        pass
+    rows = [{"name": name, "family": zoo.model_family(name), **zoo.variant_info(name, num_classes)}
+            for name in zoo.list_models()]
+    try:  # no rename needed: a reader that meets a half-written file counts again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows))
+    except OSError:  # a read-only cache: count again next time
+        pass
     return rows
+
+
+def source_key(num_classes: int) -> str:
+    """A hash of what the table depends on: every zoo source file, the libraries' versions, the class count."""
+    digest = hashlib.sha256(json.dumps([num_classes, [version(lib) for lib in LIBRARIES]]).encode())
+    for path in sorted(Path(zoo.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    root = cache_dir or os.environ.get("CNN_ZOO_CACHE") or Path.home() / ".cache" / "cnn-zoo"
+    return Path(root).expanduser() / CACHE_FOLDER
 
 
 def format_table(rows: list[dict]) -> str:
@@ -29,7 +61,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--num-classes", type=int, default=10)
     args = parser.parse_args(argv)

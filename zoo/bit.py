@@ -2,9 +2,14 @@
 
 Kolesnikov et al. 2020, `Big Transfer (BiT): General Visual Representation Learning`,
 https://arxiv.org/abs/1912.11370. The network is timm's ``ResNetV2`` built the way timm builds its
-``resnetv2_*_bit`` models (``StdConv2d`` with eps=1e-8, ``GroupNormAct``); this module only adds a
-CIFAR stem, GroupNorm group counts that also fit narrow widths, and a loader for the official
-``.npz`` checkpoints that tolerates the CIFAR stem and a different head.
+``resnetv2_*_bit`` models (``StdConv2d``, ``GroupNormAct``); this module only adds a CIFAR stem,
+GroupNorm group counts that also fit narrow widths, a loader for the official ``.npz`` checkpoints that
+tolerates the CIFAR stem and a different head, and the weight-standardisation eps as a hyperparameter.
+
+Weight standardisation divides each filter by sqrt(var + eps). The official code (google-research/
+big_transfer, ``bit_pytorch/models.py`` ``StdConv2d``) uses eps = 1e-10; timm's BiT models use 1e-8 (its
+``StdConv2d`` defaults to 1e-6). ``ws_eps`` defaults to the official 1e-10, so a model loaded from the
+official weights computes what the official code computes; ``ws_eps=1e-8`` reproduces timm's models.
 """
 from __future__ import annotations
 
@@ -27,8 +32,7 @@ __all__ = ["bit_resnetv2", "bit_num_groups", "load_bit_weights"]
 
 STEMS = ("cifar", "imagenet")
 BIT_GROUPS = 32
-# BiT's weight standardisation eps; timm's StdConv2d defaults to 1e-6, its BiT configs use 1e-8.
-_bit_conv = partial(StdConv2d, eps=1e-8)
+WS_EPS = 1e-10  # the official BiT code's weight-standardisation eps (timm's BiT models: 1e-8)
 
 
 def bit_num_groups(num_channels: int, max_groups: int = BIT_GROUPS) -> int:
@@ -50,13 +54,15 @@ def bit_resnetv2(
     width_factor: int = 1,
     base_width: int = 64,
     drop_rate: float = 0.0,
+    ws_eps: float = WS_EPS,
 ) -> ResNetV2:
     """BiT ResNetV2 with ``layers`` bottlenecks per stage.
 
     Stem width is ``base_width * width_factor`` and stage ``i`` outputs ``4 * 2**i`` times that
     (BiT: 64 and 256/512/1024/2048 at width 1); a smaller ``base_width`` gives narrow test nets.
     ``stem="cifar"`` is a 3x3 stride-1 conv without max-pool (32x32 input keeps full resolution);
-    ``stem="imagenet"`` is BiT's 7x7/2 conv with the padded 3x3/2 max-pool.
+    ``stem="imagenet"`` is BiT's 7x7/2 conv with the padded 3x3/2 max-pool. Every conv standardises its
+    weights as (w - mean) / sqrt(var + ``ws_eps``).
     """
     if len(layers) != 4:
         raise ValueError(f"BiT has 4 stages, got layers={tuple(layers)!r}")
@@ -71,6 +77,8 @@ def bit_resnetv2(
         # timm rounds every channel count to a multiple of 8, which would silently change the widths.
         raise ValueError(f"base_width * width_factor must be a multiple of 8, got {stem_chs}")
     check_unit_interval("drop_rate", drop_rate, zero_ok=True, one_ok=False)
+    check_unit_interval("ws_eps", ws_eps, zero_ok=False, one_ok=False)
+    conv_layer = partial(StdConv2d, eps=ws_eps)
 
     model = ResNetV2(
         layers=list(layers),
@@ -79,13 +87,13 @@ def bit_resnetv2(
         width_factor=width_factor,
         stem_chs=base_width,
         stem_type="fixed",  # BiT's ConstantPad2d(1) + MaxPool2d(3, 2) after the 7x7/2 conv
-        conv_layer=_bit_conv,
+        conv_layer=conv_layer,
         norm_layer=_bit_group_norm_act,
         drop_rate=drop_rate,
     )
     if stem == "cifar":
         # Named `conv` like timm's stem so checkpoint loading and the first-conv name stay the same.
-        model.stem = nn.Sequential(OrderedDict(conv=_bit_conv(3, stem_chs, kernel_size=3, stride=1)))
+        model.stem = nn.Sequential(OrderedDict(conv=conv_layer(3, stem_chs, kernel_size=3, stride=1)))
         nn.init.kaiming_normal_(model.stem.conv.weight, mode="fan_out", nonlinearity="relu")  # as timm's init
         # Without the stride-2 conv and the max-pool every feature map is 4x larger (stem: 2x).
         model.feature_info = [{**f, "reduction": max(f["reduction"] // 4, 1)} for f in model.feature_info]
@@ -100,6 +108,7 @@ def bit_r50x1(
     width_factor: int = 1,
     base_width: int = 64,
     drop_rate: float = 0.0,
+    ws_eps: float = WS_EPS,
 ) -> ResNetV2:
     """BiT-R50x1: ResNetV2-50, stages (3, 4, 6, 3)."""
     return bit_resnetv2(
@@ -109,6 +118,7 @@ def bit_r50x1(
         width_factor=width_factor,
         base_width=base_width,
         drop_rate=drop_rate,
+        ws_eps=ws_eps,
     )
 
 
@@ -120,6 +130,7 @@ def bit_r101x1(
     width_factor: int = 1,
     base_width: int = 64,
     drop_rate: float = 0.0,
+    ws_eps: float = WS_EPS,
 ) -> ResNetV2:
     """BiT-R101x1: ResNetV2-101, stages (3, 4, 23, 3)."""
     return bit_resnetv2(
@@ -129,6 +140,7 @@ def bit_r101x1(
         width_factor=width_factor,
         base_width=base_width,
         drop_rate=drop_rate,
+        ws_eps=ws_eps,
     )
 
 
@@ -140,6 +152,7 @@ def bit_r50x3(
     width_factor: int = 3,
     base_width: int = 64,
     drop_rate: float = 0.0,
+    ws_eps: float = WS_EPS,
 ) -> ResNetV2:
     """BiT-R50x3: ResNetV2-50 at 3x width."""
     return bit_resnetv2(
@@ -149,6 +162,7 @@ def bit_r50x3(
         width_factor=width_factor,
         base_width=base_width,
         drop_rate=drop_rate,
+        ws_eps=ws_eps,
     )
 
 
@@ -160,6 +174,7 @@ def bit_r152x2(
     width_factor: int = 2,
     base_width: int = 64,
     drop_rate: float = 0.0,
+    ws_eps: float = WS_EPS,
 ) -> ResNetV2:
     """BiT-R152x2: ResNetV2-152 (3, 8, 36, 3) at 2x width."""
     return bit_resnetv2(
@@ -169,6 +184,7 @@ def bit_r152x2(
         width_factor=width_factor,
         base_width=base_width,
         drop_rate=drop_rate,
+        ws_eps=ws_eps,
     )
 
 

@@ -6,10 +6,18 @@ One implementation serves every variant:
   (L - 4) / 3 BN-ReLU-Conv(3x3) layers, transitions without compression.
 * ``densenet_bc``: DenseNet-BC: a 3x3 conv to 2k channels, three blocks of (L - 4) / 6 bottleneck layers
   BN-ReLU-Conv(1x1, bn_size*k)-BN-ReLU-Conv(3x3, k), transitions compressing m channels to floor(θ·m).
-* ``densenet121/169/201/161``: the ImageNet block configurations with the CIFAR stem of
-  weiaicunzai/pytorch-cifar100 (3x3 conv to 2k channels, no max-pool), bottleneck layers, θ = 0.5.
+* ``densenet121/169/201/161/264``: the ImageNet block configurations (Huang et al. 2017, Table 1; 264 is
+  6-12-64-48 with k = 32) with the CIFAR stem of weiaicunzai/pytorch-cifar100 (3x3 conv to 2k channels, no
+  max-pool), bottleneck layers, θ = 0.5.
 
-Every transition is BN-ReLU-Conv(1x1)-AvgPool(2x2) and the head is BN-ReLU-global average pool-Linear.
+Every transition is BN-ReLU-Conv(1x1)-AvgPool(2x2) (the paper's, kuangliu's and bearpaw's form;
+weiaicunzai/pytorch-cifar100's has no ReLU) and the head is BN-ReLU-global average pool-Linear.
+With ``drop_rate`` > 0 every variant applies dropout after every convolution except the stem's, as the paper
+(Sec. 4.2) and the authors' Torch code (``models/densenet.lua``, ``models/DenseConnectLayer.lua``) do: after
+the 1x1 bottleneck conv and the 3x3 conv of each dense layer and after each transition's 1x1 conv. The
+authors build their ImageNet configurations with the same layer functions, so densenet121-264 follow it too
+(torchvision's DenseNet, by contrast, drops out only after the 3x3 conv).
+
 Written here rather than on torchvision's ``_DenseLayer``, which has no non-bottleneck form and whose
 checkpointing updates BatchNorm running statistics a second time when it recomputes.
 """
@@ -18,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -30,11 +38,17 @@ from zoo._registry import register_model
 from zoo.layers import check_bool, check_positive_int, check_unit_interval, init_kaiming
 
 
+def _dropout(p: float) -> nn.Module:
+    """Dropout after a conv; an Identity at p = 0, so the default network has no Dropout module at all."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class DenseLayer(nn.Module):
     """Produces ``growth_rate`` new feature maps from the concatenation of all earlier ones.
 
     ``bn_size=None`` gives the plain layer BN-ReLU-Conv(3x3); an integer gives the bottleneck layer
-    BN-ReLU-Conv(1x1, bn_size*k)-BN-ReLU-Conv(3x3, k). Dropout follows the 3x3 conv, as in the paper.
+    BN-ReLU-Conv(1x1, bn_size*k)-BN-ReLU-Conv(3x3, k). Dropout follows each of its convs (``drop1``,
+    ``drop2``), as in the paper.
 
     With ``memory_efficient`` the concatenation and the first BN-ReLU-Conv are recomputed in the backward
     pass (Pleiss et al. 2017) instead of storing the concatenated tensor, which is what makes DenseNet
@@ -47,15 +61,17 @@ class DenseLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_chs)
         self.act1 = nn.ReLU(inplace=True)
+        # The plain layer's only conv is its 3x3 to k channels; the bottleneck layer starts with a 1x1.
+        mid_chs, kernel = (growth_rate, 3) if bn_size is None else (bn_size * growth_rate, 1)
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, kernel_size=kernel, padding=kernel // 2, bias=False)
+        self.drop1 = _dropout(drop_rate)
         if bn_size is None:
-            self.conv1 = nn.Conv2d(in_chs, growth_rate, kernel_size=3, padding=1, bias=False)
-            self.norm2 = self.act2 = self.conv2 = None
+            self.norm2 = self.act2 = self.conv2 = self.drop2 = None
         else:
-            self.conv1 = nn.Conv2d(in_chs, bn_size * growth_rate, kernel_size=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.norm2 = nn.BatchNorm2d(mid_chs)
             self.act2 = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False)
-        self.drop_rate = drop_rate
+            self.conv2 = nn.Conv2d(mid_chs, growth_rate, kernel_size=3, padding=1, bias=False)
+            self.drop2 = _dropout(drop_rate)
         self.memory_efficient = memory_efficient
         self._recomputing = False
 
@@ -84,8 +100,8 @@ class DenseLayer(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and any(f.requires_grad for f in features):
-            # Non-reentrant checkpoint keeps the RNG state by default; dropout lies outside the recomputed
-            # segment anyway, so forward and recomputation see identical values.
+            # Non-reentrant checkpoint keeps the RNG state by default; dropout (drop1 included) lies outside
+            # the recomputed segment anyway, so forward and recomputation see identical values.
             out = checkpoint(
                 self._first_conv,
                 *features,
@@ -94,10 +110,9 @@ class DenseLayer(nn.Module):
             )
         else:
             out = self._first_conv(*features)
+        out = self.drop1(out)
         if self.conv2 is not None:
-            out = self.conv2(self.act2(self.norm2(out)))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
+            out = self.drop2(self.conv2(self.act2(self.norm2(out))))
         return out
 
 
@@ -125,14 +140,15 @@ class DenseBlock(nn.ModuleDict):
 
 
 class Transition(nn.Sequential):
-    """BN-ReLU-Conv(1x1)-AvgPool(2x2) between dense blocks; ``out_chs`` = floor(θ·m)."""
+    """BN-ReLU-Conv(1x1)-[Dropout]-AvgPool(2x2) between dense blocks; ``out_chs`` = floor(θ·m)."""
 
-    def __init__(self, in_chs: int, out_chs: int) -> None:
+    def __init__(self, in_chs: int, out_chs: int, drop_rate: float = 0.0) -> None:
         super().__init__(
             OrderedDict(
                 norm=nn.BatchNorm2d(in_chs),
                 act=nn.ReLU(inplace=True),
                 conv=nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=False),
+                drop=_dropout(drop_rate),
                 pool=nn.AvgPool2d(kernel_size=2, stride=2),
             )
         )
@@ -147,7 +163,7 @@ class DenseNet(nn.Module):
         num_init_features: output channels of the 3x3 stem conv.
         bn_size: bottleneck width factor (1x1 conv to bn_size*k channels), or ``None`` for plain layers.
         compression: θ in (0, 1]; a transition after a block of m channels outputs floor(θ·m).
-        drop_rate: dropout probability after every 3x3 conv in the dense layers.
+        drop_rate: dropout probability after every conv except the stem's (dense layers and transitions).
         num_classes: classifier outputs.
         memory_efficient: recompute concatenation and first conv in backward (checkpointing).
     """
@@ -189,7 +205,7 @@ class DenseNet(nn.Module):
                         f"compression θ={compression} gives floor(θ·m) = {out_chs} channels after dense block "
                         f"{i + 1} (m = {chs}); each transition needs floor(θ·m) >= 1"
                     )
-                features[f"transition{i + 1}"] = Transition(chs, out_chs)
+                features[f"transition{i + 1}"] = Transition(chs, out_chs, drop_rate)
                 chs = out_chs
         features["norm_final"] = nn.BatchNorm2d(chs)
         features["act_final"] = nn.ReLU(inplace=True)
@@ -231,6 +247,11 @@ def densenet(
     )
 
 
+def is_densenet_bc_depth(depth: int) -> bool:
+    """Three blocks of (depth - 4) / 6 bottleneck layers (two convs each), at least one per block."""
+    return depth >= 10 and (depth - 4) % 6 == 0
+
+
 @register_model
 def densenet_bc(
     *,
@@ -244,7 +265,7 @@ def densenet_bc(
 ) -> nn.Module:
     """DenseNet-BC: L=100 k=12 0.8M, L=250 k=24 15.3M, L=190 k=40 25.6M (Huang et al. 2017, Table 2)."""
     check_positive_int("depth", depth)
-    if (depth - 4) % 6 != 0 or depth < 10:
+    if not is_densenet_bc_depth(depth):
         raise ValueError(
             f"DenseNet-BC depth must satisfy (depth - 4) % 6 == 0 and depth >= 10 "
             f"(three blocks of (depth - 4) / 6 bottleneck layers of two convs each), got {depth}"
@@ -276,65 +297,34 @@ def _densenet_bc(
     )
 
 
-@register_model
-def densenet121(
-    *,
-    num_classes: int = 10,
-    growth_rate: int = 32,
-    compression: float = 0.5,
-    bn_size: int = 4,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> nn.Module:
-    """DenseNet-121 blocks (6, 12, 24, 16) with a CIFAR stem; 7.0M parameters at 100 classes."""
-    return _densenet_bc(
-        (6, 12, 24, 16), num_classes, growth_rate, compression, bn_size, drop_rate, memory_efficient
+def _imagenet_variant(
+    name: str, block_config: tuple[int, ...], default_growth_rate: int, params_at_100: str
+) -> Callable[..., nn.Module]:
+    """Register ``name``: an ImageNet block configuration of Huang et al. 2017 (Table 1) with the CIFAR stem."""
+
+    def variant(
+        *,
+        num_classes: int = 10,
+        growth_rate: int = default_growth_rate,
+        compression: float = 0.5,
+        bn_size: int = 4,
+        drop_rate: float = 0.0,
+        memory_efficient: bool = False,
+    ) -> nn.Module:
+        return _densenet_bc(
+            block_config, num_classes, growth_rate, compression, bn_size, drop_rate, memory_efficient
+        )
+
+    variant.__name__ = variant.__qualname__ = name  # the registry names a variant after its function
+    variant.__doc__ = (
+        f"DenseNet-{name.removeprefix('densenet')} blocks {block_config}, k={default_growth_rate}, with a CIFAR "
+        f"stem; {params_at_100} parameters at 100 classes."
     )
+    return register_model(variant)
 
 
-@register_model
-def densenet169(
-    *,
-    num_classes: int = 10,
-    growth_rate: int = 32,
-    compression: float = 0.5,
-    bn_size: int = 4,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> nn.Module:
-    """DenseNet-169 blocks (6, 12, 32, 32) with a CIFAR stem; 12.6M parameters at 100 classes."""
-    return _densenet_bc(
-        (6, 12, 32, 32), num_classes, growth_rate, compression, bn_size, drop_rate, memory_efficient
-    )
-
-
-@register_model
-def densenet201(
-    *,
-    num_classes: int = 10,
-    growth_rate: int = 32,
-    compression: float = 0.5,
-    bn_size: int = 4,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> nn.Module:
-    """DenseNet-201 blocks (6, 12, 48, 32) with a CIFAR stem; 18.3M parameters at 100 classes."""
-    return _densenet_bc(
-        (6, 12, 48, 32), num_classes, growth_rate, compression, bn_size, drop_rate, memory_efficient
-    )
-
-
-@register_model
-def densenet161(
-    *,
-    num_classes: int = 10,
-    growth_rate: int = 48,
-    compression: float = 0.5,
-    bn_size: int = 4,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> nn.Module:
-    """DenseNet-161 blocks (6, 12, 36, 24), k=48, with a CIFAR stem; 26.7M parameters at 100 classes."""
-    return _densenet_bc(
-        (6, 12, 36, 24), num_classes, growth_rate, compression, bn_size, drop_rate, memory_efficient
-    )
+densenet121 = _imagenet_variant("densenet121", (6, 12, 24, 16), 32, "7.0M")
+densenet169 = _imagenet_variant("densenet169", (6, 12, 32, 32), 32, "12.6M")
+densenet201 = _imagenet_variant("densenet201", (6, 12, 48, 32), 32, "18.3M")
+densenet161 = _imagenet_variant("densenet161", (6, 12, 36, 24), 48, "26.7M")
+densenet264 = _imagenet_variant("densenet264", (6, 12, 64, 48), 32, "30.9M")

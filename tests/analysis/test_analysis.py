@@ -11,19 +11,26 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from scipy import stats
 
 from analysis import plots, report
-from analysis.aggregate import (MixedRecipesError, aggregate_runs, complete_runs, curves_frame, finished_runs,
-                                match_references, missing_metrics, missing_report, pareto_front, recipe_mask,
-                                results_table, select_recipes)
-from analysis.figures import accuracy_figure, learning_curves_figure, sweep_figure
+from analysis.aggregate import (TIMING_STEPS, TIMING_WITH_EVAL, aggregate_runs, complete_runs, curves_frame,
+                                finished_runs, match_references, missing_metrics, missing_report, pareto_front,
+                                results_table)
+from analysis.errors import AnalysisError, MixedRecipesError
+from analysis.figures import (HIGHLIGHT, TIME_LABELS, X_AXES, accuracy_figure, learning_curves_figure, log_ticks,
+                              sweep_figure)
 from analysis.mlflow_data import load_histories, load_runs
+from analysis.recipes import filter_recipe, resolve_recipe, select_recipes
 from analysis.references import CITATIONS, REFERENCES
+from analysis.stats import compare_to_best
 from tests.helpers import REPO
 
 STANDARD = ("standard", "aaaaaaaaaaaa")
 FULL = ("full", "bbbbbbbbbbbb")  # val_size 0: no validation metrics
 FAST = ("fast", "cccccccccccc")  # the sweep's
+# Experiment "twin-fast": two recipes named fast; the second overrides subset and lr (another hash, same name).
+TWIN_FAST, TWIN_FAST_SUBSET = ("fast", "111111111111"), ("fast", "222222222222")
 EPOCHS = 3
 RESNET = {"shortcut": "A"}
 DENSENET_BC = {"depth": 100, "growth_rate": 12, "compression": 0.5, "bn_size": 4, "drop_rate": 0.0,
@@ -48,15 +55,22 @@ FINISHED_TRIALS = [(12, 0.5, 94.0, 769_162), (12, 0.3, 93.0, 500_000), (24, 0.5,
                    (24, 0.3, 94.5, 1_900_000), (16, 0.7, 93.5, 1_500_000), (8, 0.5, 92.0, 350_000)]
 PRUNED_TRIALS = [(8, 0.3), (32, 0.7)]
 STUDY = "dbc-k-theta"
+DIVERGED_RUN = "vgg16_bn-cifar10-standard-s1"  # tagged cnn_zoo.diverged, as is the sweep's trial 1
+DIVERGED_REASON = "training loss 9.8, above 3x its first value"
+PROTOCOL = "3 epochs, batch 64, 45,000 train / 5,000 val images"  # every standard and fast run's
+FULL_PROTOCOL = "3 epochs, batch 64, 50,000 train / 0 val images"
 
 
 def _params(arch: str, family: str, dataset: str, recipe: tuple[str, str], seed: int, hparams: dict,
-            val_size: int) -> list[Param]:
+            val_size: int, **recipe_fields: object) -> list[Param]:
     values = {"arch": arch, "family": family, "dataset": dataset, "recipe": recipe[0], "recipe_hash": recipe[1],
               "seed": seed, "epochs": EPOCHS, "batch_size": 64, "data.digest": "d" * 16,
-              "data.train_size": 50_000 - val_size,
-              "data.val_size": val_size, "data.test_size": 10_000, "device": "cpu", "recipe.lr": 0.1,
-              **{f"model.{k}": v for k, v in hparams.items()}}
+              "data.train_size": recipe_fields.get("subset") or 50_000 - val_size,
+              "data.val_size": val_size, "data.test_size": 10_000,
+              "data.num_classes": 100 if dataset == "cifar100" else 10,
+              "device": "cpu", "recipe.epochs": EPOCHS, "recipe.batch_size": 64, "recipe.val_size": val_size,
+              "recipe.subset": None, "recipe.optimizer.lr": 0.1,
+              **{f"recipe.{k}": v for k, v in recipe_fields.items()}, **{f"model.{k}": v for k, v in hparams.items()}}
     return [Param(k, str(v)) for k, v in values.items()]
 
 
@@ -88,11 +102,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         metrics = {"param_count": params, "flops": flops, "final_test_acc": acc, "train_seconds": seconds,
                    "final_val_acc": acc + 1 if val_size else None, "best_val_acc": acc + 1.5 if val_size else None,
                    "test_acc_at_best_val": acc - 0.2 if val_size else None}
+        if recipe == FULL:  # recorded after the harness timed evaluation apart; the standard runs before
+            metrics |= {"eval_seconds": 60.0, "wall_seconds": seconds + 105.0}
         history = {"test_acc": [acc - 20, acc - 5, acc]}
         if val_size:
             history["val_acc"] = [acc - 19, acc - 4, acc + 1]
+        tags = {"cnn_zoo.diverged": DIVERGED_REASON} if name == DIVERGED_RUN else {}
         ids[name] = _log(client, exp, name, "train", _params(arch, family, dataset, recipe, seed, hparams, val_size),
-                         metrics, history)
+                         metrics, history, tags=tags)
     # Runs that must not count: one failed, one still running.
     _log(client, exp, "resnet20-failed", "train", _params("resnet20", "resnet", "cifar10", STANDARD, 3, RESNET, 5000),
          {"final_test_acc": 10.0}, {}, status="FAILED")
@@ -108,7 +125,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
              _params("densenet_bc", "densenet", "cifar10", FAST, 0, hparams, 5000),
              {"best_val_acc": acc, "param_count": params}, {"val_acc": [acc or 50.0]}, status=status,
              tags={"mlflow.parentRunId": parent, "optuna.study_name": STUDY, "optuna.trial_number": str(number),
-                   "optuna.state": state})
+                   "optuna.state": state, **({"cnn_zoo.diverged": DIVERGED_REASON} if number == 1 else {})})
+    twins = client.create_experiment("twin-fast")
+    for recipe, fields in ((TWIN_FAST, {}), (TWIN_FAST_SUBSET, {"subset": 10_000, "optimizer.lr": 0.05})):
+        _log(client, twins, f"resnet20-{recipe[1]}", "train",
+             _params("resnet20", "resnet", "cifar10", recipe, 0, RESNET, 5000, **fields),
+             {"param_count": 272_474, "flops": 8.2e7, "final_test_acc": 60.0, "train_seconds": 60.0,
+              "best_val_acc": 61.0, "test_acc_at_best_val": 60.0}, {"test_acc": [60.0], "val_acc": [61.0]})
     return {"uri": uri, "client": client, "ids": ids}
 
 
@@ -120,7 +143,7 @@ def runs(store: dict) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def standard(runs: pd.DataFrame) -> pd.DataFrame:
     train = complete_runs(finished_runs(runs))
-    return select_recipes(train[recipe_mask(train, "standard")])
+    return select_recipes(filter_recipe(train, "standard", train))
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +226,7 @@ def test_mixed_recipes_are_refused_unless_allowed(runs: pd.DataFrame) -> None:
     message = str(e.value)
     assert "--allow-mixed-recipes" in message and "--recipe" in message
     assert "standard (aaaaaaaaaaaa): 10 runs" in message and "full (bbbbbbbbbbbb): 2 runs" in message
-    assert set(select_recipes(train[recipe_mask(train, "bbbbbbbbbbbb")])["recipe"]) == {"full"}  # by hash
+    assert set(select_recipes(filter_recipe(train, "bbbbbbbbbbbb", train))["recipe"]) == {"full"}  # by hash
     assert select_recipes(train, allow_mixed=True)["recipe_hash"].nunique() == 2
 
 
@@ -244,23 +267,49 @@ def test_results_table_numbers(runs: pd.DataFrame) -> None:
     assert dbc["reference_test_acc"] == 95.49 and dbc["diff_vs_reference"] == pytest.approx(-0.29)
     full = _row(table, recipe="full")  # no validation split: no test acc at best val
     assert full["final_test_acc_mean"] == pytest.approx(92.0) and math.isnan(full["test_acc_at_best_val_mean"])
-    rows = {f"{row[0]}/{row[2]}/{row[9]}": row for row in report.markdown_rows(table)}
-    assert rows["resnet20/CIFAR-10/standard (aaaaaaaaaaaa)"][6] == "92.00 ± 1.00"
-    assert rows["resnet20/CIFAR-10/standard (aaaaaaaaaaaa)"][12] == "+0.75"
-    assert rows["resnet20/CIFAR-10/full (bbbbbbbbbbbb)"][7] == "—"
-    assert rows["densenet_bc (L=100, k=12)/CIFAR-10/standard (aaaaaaaaaaaa)"][6] == "95.20 ± 0.28"
-    assert rows["densenet_bc (L=100, k=12)/CIFAR-100/standard (aaaaaaaaaaaa)"][6] == "77.00"  # one seed: no std
+    rows = {f"{row[0]}/{row[2]}/{row[12]}": row for row in report.markdown_rows(table)}
+    columns = {name: i for i, name in enumerate(report.COLUMNS)}
+    r20 = rows["resnet20/CIFAR-10/standard (aaaaaaaaaaaa)"]
+    assert r20[columns["Final test acc (%)"]] == "92.00 ± 1.00"
+    assert r20[columns["Δ vs ref (pp)"]] == "+0.75"
+    assert r20[columns["95% CI"]] == "[89.52, 94.48]"  # 92 ± t(0.975, 2) · 1 / √3
+    assert r20[columns["Δ vs best (pp) [95% CI]"]] == "-3.20 [-5.42, -0.98]"  # Welch, vs densenet_bc's 95.2
+    assert r20[columns["Train time (min)"]] == "11.0 ± 1.0 †" and r20[columns["Wall time (min)"]] == "—"
+    full = rows["resnet20/CIFAR-10/full (bbbbbbbbbbbb)"]
+    assert full[columns["Test acc @ best val (%)"]] == "—"
+    assert full[columns["Δ vs best (pp) [95% CI]"]] == "best"  # the only model of its recipe
+    assert full[columns["Train time (min)"]] == "11.8 ± 0.1" and full[columns["Wall time (min)"]] == "13.5 ± 0.1"
+    dbc10 = rows["densenet_bc (L=100, k=12)/CIFAR-10/standard (aaaaaaaaaaaa)"]
+    assert dbc10[columns["Final test acc (%)"]] == "95.20 ± 0.28"
+    assert dbc10[columns["Δ vs best (pp) [95% CI]"]] == "best"
+    dbc100 = rows["densenet_bc (L=100, k=12)/CIFAR-100/standard (aaaaaaaaaaaa)"]
+    assert dbc100[columns["Final test acc (%)"]] == "77.00" and dbc100[columns["95% CI"]] == "—"  # one seed
+    assert rows["vgg16_bn ⚠/CIFAR-10/standard (aaaaaaaaaaaa)"][columns["Seeds"]] == "2"  # a diverged run
 
 
 def test_report_cli_writes_markdown_and_csv(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert report.main(["--experiment", "cnn-zoo", "--tracking-uri", store["uri"], "--out", str(tmp_path),
                         "--allow-mixed-recipes"]) == 0
-    csv = pd.read_csv(tmp_path / "results.csv")
+    folder = tmp_path / "cnn-zoo" / "mixed"  # two recipes: one folder for both, named so
+    assert sorted(p.name for p in folder.iterdir()) == ["results.csv", "results.md"]
+    csv = pd.read_csv(folder / "results.csv")
     assert len(csv) == 6 and set(csv["recipe"]) == {"standard", "full"}
     assert _row(csv, model="resnet20", recipe="standard")["params"] == 272_474
-    md = (tmp_path / "results.md").read_text()
-    assert "| resnet20 | resnet | CIFAR-10 | 0.27 | 0.082 | 3 | 92.00 ± 1.00 | 91.80 ± 1.00 | 11.0 ± 1.0 |" in md
+    r20 = _row(csv, model="resnet20", recipe="standard")
+    assert r20["final_test_acc_ci95"] == pytest.approx(2.4841, abs=1e-4)
+    assert r20["best_model"] == "densenet_bc (L=100, k=12)"
+    assert r20["train_time_measures"] == TIMING_WITH_EVAL
+    assert _row(csv, model="resnet20", recipe="full")["train_time_measures"] == TIMING_STEPS
+    md = (folder / "results.md").read_text()
+    assert ("| resnet20 | resnet | CIFAR-10 | 0.27 | 0.082 | 3 | 92.00 ± 1.00 | [89.52, 94.48] | -3.20 [-5.42, -0.98] "
+            "| 91.80 ± 1.00 | 11.0 ± 1.0 † | — | standard (aaaaaaaaaaaa) | 91.25 | He et al. 2016, Table 6 "
+            "| +0.75 |") in md
+    assert f"- Recipe **standard (aaaaaaaaaaaa): {PROTOCOL}**" in md
+    assert f"- Recipe **full (bbbbbbbbbbbb): {FULL_PROTOCOL}**" in md
     assert "He et al. 2016, Table 6" in md and "Deep Residual Learning" in md
+    vgg_id = store["ids"][DIVERGED_RUN]
+    assert "| vgg16_bn ⚠ |" in md and "## Diverged runs ⚠" in md
+    assert f"- vgg16_bn · CIFAR-10 · seed 1: run {vgg_id} ({DIVERGED_RUN}), {DIVERGED_REASON}" in md
     err = capsys.readouterr().err
     assert "ignored 2 of 14 train/retrain runs that did not finish (1 FAILED, 1 RUNNING)" in err
 
@@ -277,7 +326,7 @@ def test_missing_metric_is_reported_by_run(store: dict, runs: pd.DataFrame, tmp_
     report.main(["--tracking-uri", store["uri"], "--out", str(tmp_path), "--recipe", "standard"])
     err = capsys.readouterr().err
     assert f"train run {vgg_id} (vgg16_bn-cifar10-standard-s1) is missing flops" in err
-    assert "vgg16_bn-cifar10-standard-s1" in (tmp_path / "results.md").read_text()
+    assert "vgg16_bn-cifar10-standard-s1" in (tmp_path / "cnn-zoo" / "aaaaaaaaaaaa" / "results.md").read_text()
 
 
 def test_accuracy_figures_plot_every_model_and_reference(agg: pd.DataFrame) -> None:
@@ -326,7 +375,8 @@ def test_mixed_recipes_figure_has_one_panel_per_recipe(runs: pd.DataFrame) -> No
     both = aggregate_runs(select_recipes(complete_runs(finished_runs(runs)), allow_mixed=True))
     fig = accuracy_figure(both, match_references(both), "params")
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == ["recipe full (bbbbbbbbbbbb)", "recipe standard (aaaaaaaaaaaa)"]
+    assert [ax.get_title() for ax in panels] == [f"recipe full (bbbbbbbbbbbb)\n{FULL_PROTOCOL}",
+                                                 f"recipe standard (aaaaaaaaaaaa)\n{PROTOCOL}"]
     assert [len(ax.collections[[c.get_gid() for c in ax.collections].index("runs")].get_offsets())
             for ax in panels] == [1, 5]
 
@@ -338,8 +388,8 @@ def test_learning_curves_one_panel_per_model(store: dict, standard: pd.DataFrame
     assert len(visible) == 5
     for ax in visible:
         lines = {line.get_gid(): len(line.get_xydata()) for line in ax.get_lines()}
-        assert lines == {"val_acc": EPOCHS, "test_acc": EPOCHS}
-    assert "standard (aaaaaaaaaaaa)" in fig.get_suptitle()
+        assert lines == {"val_acc": EPOCHS, "test_acc": EPOCHS, "chance": 2}
+    assert f"standard (aaaaaaaaaaaa): {PROTOCOL}" in fig.get_suptitle()
 
 
 def test_sweep_figure_map_and_front(runs: pd.DataFrame) -> None:
@@ -352,7 +402,7 @@ def test_sweep_figure_map_and_front(runs: pd.DataFrame) -> None:
     assert len(_artists(fig, "pareto")[0].get_xydata()) == 5  # all but (16, 0.7), beaten by a smaller trial
     defaults = [c.get_offsets().tolist() for c in _artists(fig, "default")]
     assert defaults == [[[12.0, 0.5]], [[769_162.0, 94.0]]]  # ringed on the map and on the front
-    assert "fast (cccccccccccc)" in fig.get_suptitle()
+    assert f"fast (cccccccccccc): {PROTOCOL}" in fig.get_suptitle()
 
 
 def test_plots_cli_writes_every_figure(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -361,15 +411,133 @@ def test_plots_cli_writes_every_figure(store: dict, tmp_path: Path, capsys: pyte
                        "--recipe", "standard"]) == 0
     stems = ["accuracy_vs_params", "accuracy_vs_flops", "accuracy_vs_train_time", "learning_curves"]
     expected = {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}
-    assert {p.name for p in tmp_path.iterdir()} == expected  # the sweep ran another recipe: filtered out
-    assert all((tmp_path / name).stat().st_size > 1000 for name in expected)
-    assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    folder = tmp_path / "cnn-zoo" / "aaaaaaaaaaaa"  # <out>/<experiment>/<recipe hash>
+    assert {p.parent for p in tmp_path.rglob("*") if p.is_file()} == {folder}
+    assert {p.name for p in folder.iterdir()} == expected  # the sweep ran another recipe: filtered out
+    assert all((folder / name).stat().st_size > 1000 for name in expected)
+    assert (folder / "accuracy_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr()
-    assert "is missing flops" in out.err and str(tmp_path / "learning_curves.svg") in out.out
-    sweep_dir = tmp_path / "sweep"
-    assert plots.main(["--tracking-uri", store["uri"], "--out", str(sweep_dir), "--recipe", "fast"]) == 0
+    assert "is missing flops" in out.err and str(folder / "learning_curves.svg") in out.out
+    assert plots.main(["--tracking-uri", store["uri"], "--out", str(tmp_path), "--recipe", "fast"]) == 0
+    sweep_dir = tmp_path / "cnn-zoo" / "cccccccccccc"  # beside the standard recipe's figures, not over them
     assert sorted(p.name for p in sweep_dir.iterdir()) == [f"sweep_{STUDY}.png", f"sweep_{STUDY}.svg"]
+    assert {p.name for p in folder.iterdir()} == expected
     assert mlflow.get_tracking_uri() == before  # the CLI used its own client
+
+
+def test_runs_carry_their_recipe_protocol(runs: pd.DataFrame) -> None:
+    """What makes a recipe's numbers what they are (epochs, batch, images) travels with every run."""
+    assert set(runs[runs["recipe"] == "standard"]["recipe_protocol"]) == {PROTOCOL}
+    assert set(runs[runs["recipe"] == "full"]["recipe_protocol"]) == {FULL_PROTOCOL}
+    assert _row(runs, run_name=DIVERGED_RUN)["diverged"] == DIVERGED_REASON
+    assert str(runs["num_classes"].dtype) == "Int64" and set(runs["num_classes"].dropna()) == {10, 100}
+
+
+def test_recipe_name_resolves_when_one_hash_carries_it(store: dict, runs: pd.DataFrame, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    finished = finished_runs(runs, ("train", "trial"))
+    assert resolve_recipe(finished, "standard") == STANDARD[1] and resolve_recipe(finished, FULL[1]) == FULL[1]
+    twins = load_runs(store["client"], "twin-fast")
+    with pytest.raises(AnalysisError) as e:
+        resolve_recipe(twins, "fast")
+    assert str(e.value) == (
+        "recipe name 'fast' names 2 recipes (an override changes the hash, not the name); pass one hash with "
+        f"--recipe: fast ({TWIN_FAST[1]}): 1 runs (3 epochs, batch 64, 45,000 train / 5,000 val images, "
+        f"optimizer.lr=0.1); fast ({TWIN_FAST_SUBSET[1]}): 1 runs (3 epochs, batch 64, 10,000 train (subset) / "
+        "5,000 val images, optimizer.lr=0.05)")
+    with pytest.raises(AnalysisError, match="no FINISHED runs with recipe name or hash 'slow'; recipes present: fast"):
+        resolve_recipe(twins, "slow")
+    for cli in (plots, report):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["--experiment", "twin-fast", "--tracking-uri", store["uri"], "--out", str(tmp_path),
+                      "--recipe", "fast"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and TWIN_FAST_SUBSET[1] in err[0] and "optimizer.lr=0.05" in err[0]
+    assert report.main(["--experiment", "twin-fast", "--tracking-uri", store["uri"], "--out", str(tmp_path),
+                        "--recipe", TWIN_FAST_SUBSET[1]]) == 0
+    md = (tmp_path / "twin-fast" / TWIN_FAST_SUBSET[1] / "results.md").read_text()
+    assert (f"- Recipe **fast ({TWIN_FAST_SUBSET[1]}): 3 epochs, batch 64, 10,000 train (subset) / 5,000 val images, "
+            "optimizer.lr=0.05**") in md
+
+
+def test_confidence_intervals_match_scipy(agg: pd.DataFrame) -> None:
+    """Student t CI of each mean over seeds, Welch CI of each difference to the best model of its dataset."""
+    r20 = _row(agg, arch="resnet20", dataset="cifar10")
+    low, high = stats.t.interval(0.95, 2, loc=92.0, scale=stats.sem([91.0, 92.0, 93.0]))
+    assert r20["final_test_acc_ci"] == pytest.approx((high - low) / 2)
+    assert r20["best_model"] == "densenet_bc (L=100, k=12)" and not r20["is_best"]
+    welch = stats.ttest_ind([91.0, 92.0, 93.0], [95.0, 95.4], equal_var=False).confidence_interval(0.95)
+    assert r20["diff_vs_best"] == pytest.approx(-3.2)
+    assert r20["diff_vs_best_ci"] == pytest.approx((welch.high - welch.low) / 2)
+    assert r20["diff_vs_best_significant"]
+    assert _row(agg, arch="densenet_bc", dataset="cifar10")["is_best"]
+    single = _row(agg, arch="densenet_bc", dataset="cifar100")  # one seed: no interval, yet the best of its dataset
+    assert math.isnan(single["final_test_acc_ci"]) and single["is_best"]
+    assert pd.isna(single["diff_vs_best_significant"])
+    close = pd.DataFrame({"model": ["a", "b", "c", "d"], "recipe_hash": "h", "dataset": "cifar10",
+                          "acc_mean": [90.0, 89.5, 80.0, 91.0], "acc_std": [1.0, 1.0, 0.1, math.nan],
+                          "acc_n": [3, 3, 3, 1]})
+    compared = compare_to_best(close.iloc[:3], "acc", ["recipe_hash", "dataset"])
+    assert compared["is_best"].tolist() == [True, False, False]
+    assert compared["diff_vs_best_significant"].tolist()[1:] == [False, True]  # b: within noise; c: clearly worse
+    one_seed_best = compare_to_best(close, "acc", ["recipe_hash", "dataset"])  # d is best, with one seed: no CI
+    assert one_seed_best["best_model"].tolist() == ["d"] * 4 and one_seed_best["diff_vs_best_significant"].isna().all()
+
+
+def test_log_ticks_bracket_the_data(agg: pd.DataFrame) -> None:
+    assert log_ticks(272_474, 14_728_266) == [2e5, 5e5, 1e6, 2e6, 5e6, 1e7, 2e7]
+    assert log_ticks(0.7, 1.9) == [0.5, 1.0, 2.0]
+    assert log_ticks(0.3, 2100) == [0.2, 1.0, 10.0, 100.0, 1000.0, 5000.0]  # past 8 ticks: decades and ends
+    for x in X_AXES:  # every point has a labelled tick at or below it and one at or above it
+        ax = accuracy_figure(agg, match_references(agg), x).axes[0]
+        points = next(c for c in ax.collections if c.get_gid() == "runs").get_offsets()[:, 0]
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert min(ticks) <= points.min() and max(ticks) >= points.max()
+        assert all(label.get_text() for label in ax.get_xticklabels())
+
+
+def test_diverged_runs_are_marked(store: dict, runs: pd.DataFrame, standard: pd.DataFrame, agg: pd.DataFrame) -> None:
+    vgg = _row(agg, arch="vgg16_bn")
+    assert (vgg["n_diverged"], vgg["diverged"]) == (1, DIVERGED_REASON)
+    fig = accuracy_figure(agg, match_references(agg), "params")
+    assert [c.get_offsets().tolist() for c in _artists(fig, "diverged")] == [[[14_728_266.0, 93.7]]]
+    assert "× diverged run(s) included" in [t.get_text() for t in fig.legends[0].get_texts()]
+    curves = learning_curves_figure(curves_frame(standard, load_histories(store["client"], standard["run_id"])))
+    flagged = [ax for ax in curves.axes if "diverged" in ax.get_title()]
+    assert [ax.get_title() for ax in flagged] == ["vgg16_bn · CIFAR-10\ndiverged: 1 of 2 runs"]
+    assert flagged[0].title.get_color() == HIGHLIGHT
+    sweep = sweep_figure(plots.study_trials(runs)[STUDY], STUDY)
+    assert _offsets(sweep, "diverged") == 2  # trial 1 (k=12, θ=0.3) on the map and on the front
+
+
+def test_train_time_axis_says_what_it_measures(runs: pd.DataFrame, agg: pd.DataFrame) -> None:
+    """Runs that log eval_seconds timed training steps alone; older ones included evaluation: the axis says
+    which, and a figure that mixes them marks the older models with †."""
+    assert set(agg["timing"]) == {TIMING_WITH_EVAL}
+    assert accuracy_figure(agg, match_references(agg), "train_time").axes[0].get_xlabel() == TIME_LABELS[
+        TIMING_WITH_EVAL]
+    full = aggregate_runs(filter_recipe(complete_runs(finished_runs(runs)), "full", runs))
+    assert accuracy_figure(full, match_references(full), "train_time").axes[0].get_xlabel() == TIME_LABELS[
+        TIMING_STEPS] == "training time, steps only (minutes, log scale)"
+    both = aggregate_runs(select_recipes(complete_runs(finished_runs(runs)), allow_mixed=True))
+    fig = accuracy_figure(both, match_references(both), "train_time")
+    assert {ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()} == {X_AXES["train_time"].label}
+    labels = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert "resnet20 · n=3 †" in labels and "resnet20 · n=2 · best" in labels  # standard († ) and full
+
+
+def test_learning_curves_share_y_and_show_chance(store: dict, runs: pd.DataFrame) -> None:
+    """A flat curve at chance must not look like learning: one y range for all panels, chance drawn."""
+    train = complete_runs(finished_runs(runs))
+    curves = curves_frame(train, load_histories(store["client"], train["run_id"]))
+    fig = learning_curves_figure(curves)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len({ax.get_ylim() for ax in visible}) == 1 and visible[0].get_ylim()[0] == 0
+    chance = {ax.get_title().split("\n")[0]: line.get_ydata()[0] for ax in visible for line in ax.get_lines()
+              if line.get_gid() == "chance"}
+    assert chance["densenet_bc (L=100, k=12) · CIFAR-100"] == 1.0 and chance["resnet20 · CIFAR-10"] == 10.0
+    assert len(chance) == 5 and "chance: 100 / classes" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 @pytest.mark.parametrize("cli", [plots, report])
@@ -380,7 +548,7 @@ def test_unknown_or_empty_experiment_is_one_line_exit_2(cli, store: dict, capsys
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and problem in err
-        assert "existing experiments: Default, cnn-zoo, empty-exp" in err
+        assert "existing experiments: Default, cnn-zoo, empty-exp, twin-fast" in err
 
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "sqlite:///{tmp}/absent/mlflow.db"])
@@ -394,10 +562,15 @@ def test_unreachable_store_is_one_line(uri: str, tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "absent").exists()  # MLflow would have created the folder and an empty store
 
 
+# The harness's torch-free modules, the only ones of it that analysis may import (record names, CLI base, errors).
+TORCH_FREE = ["experiments", "experiments.cli", "experiments.errors", "experiments.names"]
+
+
 def test_analysis_reads_mlflow_only() -> None:
-    """analysis never trains: importing its CLIs pulls in neither torch nor the zoo, harness or sweeps."""
+    """analysis never trains: importing its CLIs pulls in neither torch nor the zoo or sweeps, and of the
+    harness exactly its torch-free modules."""
     code = ("import sys, analysis.plots, analysis.report; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'zoo', 'experiments', 'sweeps'}))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'zoo', 'experiments', 'sweeps'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=REPO)
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == str(TORCH_FREE)

@@ -6,7 +6,7 @@ import pytest
 from experiments.config import (Recipe, ScheduleConfig, apply_overrides, list_recipes, load_recipe,
                                 recipe_from_dict)
 from experiments.errors import UserError
-from experiments.train import lr_factor
+from experiments.trainer import lr_factor
 
 
 def test_presets_exist_and_match_their_papers():

@@ -1,10 +1,14 @@
 """experiments.data: loading (trees, archives, official layout), cache, errors, splits, augmentation, loader."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -14,13 +18,16 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import ImageFile
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
+from torchvision.datasets import utils as tv_utils
 
 from experiments import data
 from experiments.data import (ArrayDataset, DeviceLoader, augment_batch, class_balanced_subset, load_dataset,
                               sample_augmentation, split_train_val)
 from experiments.errors import DataError, UserError
-from tests.helpers import CIFAR10_CLASSES, REPO, class_colour, label_from_image, make_image_folder, pack_archive
+from experiments.config import load_recipe
+from tests.helpers import (CIFAR10_CLASSES, DIGITS, REPO, class_colour, digit_images, label_from_gray, label_from_image,
+                           make_idx_release, make_image_folder, pack_archive, write_idx, write_svhn_mat)
 
 REAL_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
@@ -237,6 +244,60 @@ def test_download_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.M
         load_dataset("cifar10", tmp_path / "offline", download=True)
 
 
+FAILING_DOWNLOADS = {  # dataset: (owner, attribute torchvision downloads with, a file it writes under root)
+    "cifar10": (CIFAR10, "download", "cifar-10-python.tar.gz"),
+    "mnist": (MNIST, "download", "MNIST/raw/train-images-idx3-ubyte.gz"),
+    "svhn": (tv_utils, "download_url", "train_32x32.mat"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAILING_DOWNLOADS))
+def test_failed_download_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Offline, the quickstart's --download must not leave an empty data/ (or half a file) behind."""
+    owner, attribute, written = FAILING_DOWNLOADS[name]
+
+    def offline(*args) -> None:  # (self) of a dataset class, or download_url's (url, root, filename, md5)
+        root = Path(args[1] if owner is tv_utils else args[0].root)
+        (root / written).parent.mkdir(parents=True, exist_ok=True)
+        (root / written).write_bytes(b"the first bytes of the release")
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(owner, attribute, offline)
+    with pytest.raises(DataError, match=f"could not download {name} into .*Temporary failure .*--data-dir") as e:
+        load_dataset(name, tmp_path / "data" / "new", download=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "data").exists()
+
+    kept = tmp_path / "mine"  # an existing folder keeps exactly what it held
+    (kept / "MNIST" / "raw").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    (kept / "MNIST" / "raw" / "README").write_text("mine")
+    with pytest.raises(DataError, match="could not download"):
+        load_dataset(name, kept, download=True)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["MNIST", "MNIST/raw", "MNIST/raw/README",
+                                                                                "notes.txt"]
+
+
+def test_download_of_svhn_and_mnist_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched = []
+
+    def fake_download_url(url: str, root: str, filename: str, md5: str) -> None:  # what the real one leaves
+        fetched.append(filename)
+        split = filename.split("_")[0]
+        write_svhn_mat(Path(root) / filename, *digit_images(2 if split != "test" else 1, split, gray=False))
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download_url)
+    bundle = load_dataset("svhn-extra", tmp_path / "svhn", download=True)
+    assert fetched == ["train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"] and len(bundle.train) == 40
+
+    def fake_mnist_download(self) -> None:  # torchvision keeps the .gz files and their extracted copies
+        make_idx_release(Path(self.raw_folder), 3, 1, suffixes=("", ".gz"))
+
+    monkeypatch.setattr(MNIST, "download", fake_mnist_download)
+    bundle = load_dataset("mnist", tmp_path / "mnist", download=True)
+    assert (len(bundle.train), len(bundle.test)) == (30, 10)
+    assert bundle.source == str(tmp_path / "mnist" / "MNIST" / "raw")
+
+
 # -------------------------------------------------------------------------------------------------- errors
 
 
@@ -332,8 +393,227 @@ def test_image_must_be_32x32(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_name(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unknown dataset 'mnist'"):
-        load_dataset("mnist", tmp_path)
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet", tmp_path)
+
+
+# ------------------------------------------------------------------------------- SVHN, MNIST, Fashion-MNIST
+
+
+def svhn_files(folder: Path, n_train: int = 3, n_test: int = 2, n_extra: int | None = None) -> dict:
+    """SVHN's .mat files in ``folder``; returns {split: (images NHWC, labels 0..9)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": n_train, "test": n_test} | ({"extra": n_extra} if n_extra else {})
+    arrays = {split: digit_images(n, split, gray=False) for split, n in sizes.items()}
+    for split, (images, labels) in arrays.items():
+        write_svhn_mat(folder / f"{split}_32x32.mat", images, labels)
+    return arrays
+
+
+def test_svhn_official_mat_files(tmp_path: Path) -> None:
+    arrays = svhn_files(tmp_path)
+    bundle = load_dataset("svhn", tmp_path)
+    assert bundle.classes == DIGITS and bundle.source == str(tmp_path) and bundle.preprocess == "none"
+    for ds, (images, labels) in ((bundle.train, arrays["train"]), (bundle.test, arrays["test"])):
+        np.testing.assert_array_equal(ds.images, images)
+        assert ds.labels.tolist() == labels.tolist() == [label_from_image(im) for im in ds.images]
+    assert 0 in bundle.train.labels.tolist()  # stored as 10
+    np.testing.assert_allclose(bundle.mean, (arrays["train"][0].reshape(-1, 3) / 255).mean(axis=0), atol=1e-12)
+
+
+def test_svhn_extra_joins_the_training_set(tmp_path: Path) -> None:
+    arrays = svhn_files(tmp_path, n_extra=4)
+    plain, extra = load_dataset("svhn", tmp_path), load_dataset("svhn-extra", tmp_path)
+    np.testing.assert_array_equal(extra.train.images, np.concatenate([arrays["train"][0], arrays["extra"][0]]))
+    assert extra.train.labels.tolist() == arrays["train"][1].tolist() + arrays["extra"][1].tolist()
+    np.testing.assert_array_equal(extra.test.images, plain.test.images)
+    assert len(plain.train) == 30 and extra.digest != plain.digest
+
+    (tmp_path / "extra_32x32.mat").unlink()
+    with pytest.raises(DataError, match="lacks extra_32x32.mat; rerun with --download"):
+        load_dataset("svhn-extra", tmp_path)
+    folders = make_image_folder(tmp_path / "folders", 1, 1, DIGITS)
+    with pytest.raises(DataError, match="no svhn-extra data in .*image folders have no extra split"):
+        load_dataset("svhn-extra", folders)
+
+
+@pytest.mark.parametrize("name,where", [("mnist", "MNIST/raw"), ("mnist", "."), ("mnist", "pointed-at"),
+                                        ("fashion-mnist", "FashionMNIST/raw")])
+@pytest.mark.parametrize("suffixes", [(".gz",), ("",), ("", ".gz")])
+def test_idx_releases_become_padded_rgb(tmp_path: Path, name: str, where: str, suffixes: tuple[str, ...]) -> None:
+    folder = tmp_path / ("some/raw" if where == "pointed-at" else where)
+    arrays = make_idx_release(folder, 3, 2, suffixes)
+    bundle = load_dataset(name, folder if where == "pointed-at" else tmp_path)
+    assert bundle.source == str(folder) and bundle.preprocess == data.GRAY_PREPROCESS
+    assert bundle.classes == (DIGITS if name == "mnist" else tuple(FashionMNIST.classes))
+    for ds, (images, labels) in ((bundle.train, arrays["train"]), (bundle.test, arrays["test"])):
+        assert ds.images.shape == (len(images), 32, 32, 3) and ds.labels.tolist() == labels.tolist()
+        np.testing.assert_array_equal(ds.images[:, 2:30, 2:30], np.repeat(images[..., None], 3, axis=-1))
+        border = ds.images.copy()
+        border[:, 2:30, 2:30] = 0
+        assert not border.any()  # zero padding
+    gz_and_plain = load_dataset(name, folder if where == "pointed-at" else tmp_path, cache_dir=tmp_path / "c2")
+    assert gz_and_plain.digest == bundle.digest  # the digest covers the decompressed bytes
+
+
+def test_mnist_and_fashion_mnist_side_by_side(tmp_path: Path) -> None:
+    make_idx_release(tmp_path / "MNIST" / "raw", 1, 1)
+    make_idx_release(tmp_path / "FashionMNIST" / "raw", 2, 1)
+    assert len(load_dataset("mnist", tmp_path).train) == 10
+    fashion = load_dataset("fashion-mnist", tmp_path)
+    assert len(fashion.train) == 20 and fashion.classes[0] == "T-shirt/top"
+
+
+@pytest.mark.parametrize("archive", [None, "mnist-png.zip", "fashion-mnist.tar.gz"])
+def test_gray_image_folders(tmp_path: Path, archive: str | None) -> None:
+    src = make_image_folder(tmp_path / "src", 3, 2, DIGITS, size=28, gray=True)
+    if archive:  # beside the other dataset's archive, which is not a candidate
+        (tmp_path / "data").mkdir()
+        pack_archive(src, tmp_path / "data" / archive)
+        other = "fashion-mnist.zip" if archive.startswith("mnist") else "mnist.zip"
+        pack_archive(make_image_folder(tmp_path / "other", 1, 1, DIGITS[:3], size=28, gray=True),
+                     tmp_path / "data" / other)
+    name = "fashion-mnist" if archive and archive.startswith("fashion") else "mnist"
+    bundle = load_dataset(name, tmp_path / "data" if archive else src)
+    assert bundle.preprocess == data.GRAY_PREPROCESS and bundle.train.images.shape == (30, 32, 32, 3)
+    assert [label_from_gray(im) for im in bundle.train.images] == bundle.train.labels.tolist()
+    assert not bundle.train.images[:, :2].any() and not bundle.test.images[:, :, 30:].any()
+
+
+def test_gray_and_colour_reads_of_one_folder_are_cached_apart(tmp_path: Path, isolated_cache: Path) -> None:
+    """The same files read as MNIST (28x28, padded) and as SVHN (32x32 expected) must not share a cache entry."""
+    src = make_image_folder(tmp_path / "src", 2, 1, DIGITS, size=28, gray=True)
+    mnist = load_dataset("mnist", src)
+    assert (isolated_cache / data.CACHE_FORMAT / f"{mnist.digest}-gray").is_dir()
+    with pytest.raises(DataError, match="is 28x28, expected 32x32"):
+        load_dataset("svhn", src)
+    big = make_image_folder(tmp_path / "big", 1, 1, DIGITS, size=32, gray=True)
+    with pytest.raises(DataError, match="is 32x32, expected 28x28"):
+        load_dataset("mnist", big)
+
+
+def _mnist_damage(folder: Path, how: str) -> str:
+    """Damage an MNIST release in ``folder`` and return the error the loader must give."""
+    images = folder / "train-images-idx3-ubyte.gz"
+    if how == "wrong shape":
+        write_idx(images, np.zeros((20, 32, 32), np.uint8))
+        return r"train-images-idx3-ubyte.gz holds 20x32x32 values, expected Nx28x28"
+    if how == "label count":
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(7, np.uint8))
+        return r"t10k-labels-idx1-ubyte.gz holds 7 values, expected 10"
+    if how == "missing split":
+        for f in folder.glob("t10k-*"):
+            f.unlink()
+        return r"lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; rerun with --download"
+    if how == "truncated":
+        images.write_bytes(images.read_bytes()[:-20])
+        return r"train-images-idx3-ubyte.gz is corrupt or truncated \(EOFError"
+    raw = gzip.decompress(images.read_bytes())  # truncated plain file
+    images.unlink()
+    (folder / "train-images-idx3-ubyte").write_bytes(raw[:-100])
+    return rf"train-images-idx3-ubyte is {len(raw) - 100} bytes but its header says {len(raw)}: truncated"
+
+
+def _svhn_damage(folder: Path, how: str) -> str:
+    train = folder / "train_32x32.mat"
+    if how == "wrong shape":
+        write_svhn_mat(train, np.zeros((5, 28, 28, 3), np.uint8), np.ones(5, np.uint8))
+        return r"train_32x32.mat: X is uint8 \(28, 28, 3, 5\), expected uint8 \(32, 32, 3, N\)"
+    if how == "label count":
+        from scipy.io import savemat
+        savemat(train, {"X": np.zeros((32, 32, 3, 5), np.uint8), "y": np.ones((4, 1), np.uint8)})
+        return r"y is uint8 \(4, 1\), expected numbers \(5, 1\)"
+    if how == "missing split":
+        (folder / "test_32x32.mat").unlink()
+        return r"lacks test_32x32.mat; rerun with --download"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    return r"cannot read .*train_32x32.mat: truncated or not a MATLAB v5 file"
+
+
+DAMAGE = ("wrong shape", "label count", "missing split", "truncated")
+
+
+@pytest.mark.parametrize("name,how", [("svhn", h) for h in DAMAGE] +
+                         [("mnist", h) for h in (*DAMAGE, "truncated plain")])
+def test_damaged_release_is_one_line_naming_the_file(tmp_path: Path, name: str, how: str) -> None:
+    if name == "mnist":
+        make_idx_release(tmp_path / "MNIST" / "raw", 2, 1)
+        message = _mnist_damage(tmp_path / "MNIST" / "raw", how)
+    else:
+        svhn_files(tmp_path)
+        message = _svhn_damage(tmp_path, how)
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(name, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_image_folder_missing_a_split_or_truncated(tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "src", 2, 1, DIGITS, size=28, gray=True)
+    (tmp_path / "data").mkdir()
+    archive = pack_archive(src, tmp_path / "data" / "mnist.tar.gz")
+    archive.write_bytes(archive.read_bytes()[:-30])
+    with pytest.raises(DataError, match="mnist.tar.gz is corrupt or truncated"):
+        load_dataset("mnist", tmp_path / "data")
+    shutil.rmtree(src / "test")
+    pack_archive(src, archive)
+    with pytest.raises(DataError, match=r"no PNG or JPEG images under train/<class>/ and test/<class>/ in archive"):
+        load_dataset("mnist", tmp_path / "data")
+    with pytest.raises(DataError, match=r"no mnist data in .*MNIST/raw/ or the idx-ubyte files"):
+        load_dataset("mnist", src)
+
+
+def test_loose_idx_files_are_not_downloaded_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files directly in --data-dir are the user's copy: --download leaves them alone, and a missing one is
+    reported rather than fetched into another folder."""
+    make_idx_release(tmp_path, 1, 1)
+    monkeypatch.setattr(MNIST, "download", lambda self: pytest.fail("downloaded"))
+    assert len(load_dataset("mnist", tmp_path, download=True).train) == 10
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="lacks t10k-labels-idx1-ubyte; add them, or pass --data-dir"):
+        load_dataset("mnist", tmp_path, download=True)
+
+
+def test_dataset_names_pick_their_own_children() -> None:
+    cases = {"cifar-100.zip": {"cifar100"}, "cifar10-jpeg.tgz": {"cifar10"}, "mnist.zip": {"mnist"},
+             "Fashion-MNIST.tar": {"fashion-mnist"}, "fashion_mnist": {"fashion-mnist"},
+             "svhn.zip": {"svhn", "svhn-extra"}}
+    for filename, names in cases.items():
+        assert {n for n in data.NUM_CLASSES if data._matches_name(n, filename)} == names, filename
+
+
+def test_svhn_paper_recipe_and_flag(capsys: pytest.CaptureFixture) -> None:
+    """Huang et al. 2017, 4.1-4.2: batch 64, 40 epochs, lr 0.1 / 10 at 50% and 75%, weight decay 1e-4, Nesterov
+    0.9, no augmentation, 6,000 validation images; --svhn-extra selects train + extra."""
+    from experiments.run import main
+
+    r = load_recipe("densenet-paper-svhn")
+    assert (r.batch_size, r.epochs, r.optimizer.lr, r.optimizer.weight_decay, r.val_size) == (64, 40, 0.1, 1e-4, 6000)
+    assert (r.optimizer.name, r.optimizer.momentum, r.optimizer.nesterov) == ("sgd", 0.9, True)
+    assert (r.schedule.name, r.schedule.milestones, r.schedule.gamma) == ("multistep", (0.5, 0.75), 0.1)
+    assert not (r.augment.random_crop or r.augment.hflip) and "drop_rate=0.2" in r.description
+    assert main(["--arch", "densenet", "--dataset", "svhn", "--svhn-extra", "--recipe", "densenet-paper-svhn",
+                 "--model-arg", "drop_rate=0.2", "--dry-run"]) == 0
+    assert "dataset: svhn-extra" in capsys.readouterr().out
+    assert main(["--arch", "resnet20", "--dataset", "cifar10", "--svhn-extra", "--dry-run"]) == 2
+    assert "--svhn-extra adds SVHN's extra images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mnist_end_to_end_and_exit_2(tmp_path: Path) -> None:
+    """run.py trains resnet20 on a tiny MNIST release; a truncated file ends with one line and exit 2."""
+    make_idx_release(tmp_path / "data" / "MNIST" / "raw", 8, 2)
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "--arch", "resnet20", "--recipe", "smoke",
+           "--epochs", "1", "--no-tracking", "--no-progress", "--dataset", "mnist",
+           "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")]
+    env = {**os.environ, "CNN_ZOO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "out" / "checkpoints").glob("*/last.pt"))
+    labels = tmp_path / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-10])
+    failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith("error: ") and "train-labels-idx1-ubyte.gz is corrupt or truncated" in failed.stderr
 
 
 # -------------------------------------------------------------------------------------- splits, subsets

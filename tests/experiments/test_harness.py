@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,11 @@ from experiments import checkpoint as ckpt_io
 from experiments.config import RunConfig, apply_overrides, load_recipe
 from experiments.run import main
 from experiments.tracking import MlflowTracker, default_tracking_uri
-from experiments.train import FitOptions, Interrupted, Trainer, fit
+from experiments.trainer import Trainer
+from experiments.errors import Interrupted
+from experiments.fit import FitOptions, fit
+from experiments.resume import saved_config
+from tests.experiments.checkpoint_formats import CHECKPOINT_KEYS, old_format
 from tests.helpers import CIFAR10_CLASSES, REPO, make_image_folder
 
 TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress"]
@@ -122,7 +127,7 @@ def _wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: flo
     while time.monotonic() < deadline:
         if path.exists():
             try:
-                if torch.load(path, weights_only=False)["epoch"] >= epoch:
+                if torch.load(path, weights_only=True)["epoch"] >= epoch:
                     return
             except Exception:
                 pass  # being replaced right now
@@ -133,7 +138,7 @@ def _wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: flo
 
 def _final_state(out: Path) -> tuple[dict, list]:
     (last,) = (out / "checkpoints").glob("*/last.pt")
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(last, weights_only=True)  # what fit() writes needs no unpickling of code
     return ckpt["model"], ckpt["history"]
 
 
@@ -313,6 +318,41 @@ def test_signal_after_the_last_epoch_ends_killed_and_resume_completes_the_record
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]  # not trained again
 
 
+@pytest.mark.slow
+def test_checkpoint_written_before_weights_only_format_is_converted_once_and_resumes_exactly(workdir, capsys):
+    """A last.pt exactly as the harness wrote it before checkpoints were weights-only (numpy's RNG state as
+    an ndarray), interrupted at the start of epoch 2: --resume converts it once, with one line on stderr, and
+    finishes with the weights and metrics of an uninterrupted run."""
+    tmp, data_dir = workdir
+    cfg = RunConfig(arch="resnet20", recipe=load_recipe("smoke"), data_dir=str(data_dir))
+    options = FitOptions(progress=False, log_model=False)
+    ref = fit(replace(cfg, output_dir=str(tmp / "ref")), options=options)
+
+    def sigterm_after_epoch_1(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        fit(cfg, callbacks=[sigterm_after_epoch_1], options=options)
+    (last,) = Path("outputs/checkpoints").glob("*/last.pt")
+    old = old_format(ckpt_io.load(last))
+    assert tuple(old) == CHECKPOINT_KEYS and old["epoch"] == 1 and old["partial"]["step"] == 0
+    torch.save(old, last)  # as the old save_atomic did
+    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(last)
+    capsys.readouterr()
+
+    assert main(["--resume", last.parent.name, "--no-progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "converted" in line]
+    assert notes == [f"note: converted checkpoint {last} to the weights-only format (it was written by an older "
+                     f"version of the harness)"]
+    resumed, reference = torch.load(last, weights_only=True), torch.load(ref.checkpoint_dir / "last.pt", weights_only=True)
+    assert tuple(resumed) == CHECKPOINT_KEYS
+    assert _strip_timing(resumed["history"]) == _strip_timing(reference["history"])
+    assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
+    ckpt_io.load(last)
+    assert capsys.readouterr().err == ""  # converted once: nothing more to say
+
+
 def test_resume_takes_device_and_data_flags_and_refuses_other_data(workdir, tmp_path_factory, capsys):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "2", "--no-tracking"]) == 0
@@ -346,7 +386,6 @@ def test_progress_bar_shows_rate_and_eta_on_request(workdir, capsys):
 
 def test_runconfig_roundtrip():
     cfg = RunConfig(arch="resnet20", recipe=load_recipe("smoke"), model={"shortcut": "B"})
-    from experiments.train import saved_config
     assert saved_config({"config": cfg.to_dict()}) == cfg
 
 
@@ -354,10 +393,13 @@ def test_retain_freed_memory_stops_refaulting_big_allocations_and_release_gives_
     """After retain_freed_memory(), a freed 128 MB buffer is reused rather than unmapped and faulted in
     again: once the heap has grown to fit (one or two rounds: small allocations in between can leave the
     freed chunk just too small for the next aligned request), rounds cost (almost) no new page faults.
-    The freed buffer stays resident until release_freed_memory() hands it back. In a fresh process."""
+    The freed buffer stays resident until release_freed_memory() hands it back. In a fresh process whose heap
+    is a training process's: after importing experiments.fit and all it imports. (With torch alone, the small
+    allocations of each round split the previous round's freed buffer and no round reuses it.)"""
     code = """
 import resource, torch
-from experiments.train import release_freed_memory, retain_freed_memory
+import experiments.fit
+from experiments.runtime import release_freed_memory, retain_freed_memory
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import signal
 import socket
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+import torch
 
 import zoo
 from experiments import checkpoint as ckpt_io
 from experiments.run import main
+from tests.experiments.checkpoint_formats import CreatesFile, old_format
 from tests.helpers import CIFAR10_CLASSES, REPO, make_image_folder, pack_archive
 
 TINY = ["--recipe", "smoke", "--arch", "resnet20", "--no-progress"]
@@ -158,6 +162,63 @@ def test_corrupt_or_truncated_checkpoint_on_resume(ws, capsys, tmp_path, damage)
     line = one_error_line(capsys.readouterr().err)
     assert f"checkpoint {copy} is corrupt or truncated (" in line and line.endswith("delete it to restart, or resume another run")
     assert snapshot(ws.root) == before  # the damaged file is left for the user to inspect; the run is untouched
+
+
+def test_checkpoints_the_harness_writes_load_weights_only(ws):
+    for name in (ckpt_io.LAST, ckpt_io.BEST):
+        path = ws.last.with_name(name)
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == [], name
+        assert torch.load(path, weights_only=True)["arch"] == "resnet20"
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+@pytest.mark.parametrize("how", ["open", "os.system"])
+def test_checkpoint_that_would_run_code_is_refused_unread(ws, capsys, fmt, how):
+    """A last.pt whose unpickling would create a file (a stand-in for any command): --resume refuses it in
+    one line naming it, exit 2, and the file never appears."""
+    marker = ws.root / f"pwned-{fmt}-{how}"
+    crafted = {"model": {}, "config": {}, "payload": CreatesFile(marker, how)}
+    copy = ws.root / f"crafted-{fmt}-{how}" / "checkpoints" / ws.run_id / ckpt_io.LAST
+    copy.parent.mkdir(parents=True)
+    if fmt == "torch.save":
+        torch.save(crafted, copy)
+    else:
+        copy.write_bytes(pickle.dumps(crafted))
+    before = snapshot(ws.root)
+    assert main(["--resume", ws.run_id, "--output-dir", str(copy.parents[2]), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    line = one_error_line(err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert line.startswith(f"error: checkpoint {copy} names ") and "refusing to load it (unpickling it could run code)" in line
+    assert not marker.exists()
+    assert snapshot(ws.root) == before  # the crafted file is left for the user to inspect
+
+
+def test_old_format_checkpoint_with_numpy_data_elsewhere_is_refused(ws, capsys):
+    """The old format holds exactly one ndarray (numpy's RNG state); arrays anywhere else mean another writer."""
+    old = old_format(ckpt_io.load(ws.last))
+    old["history"][0]["val_acc"] = np.float64(1.0).reshape(1)
+    copy = ws.root / "numpy-elsewhere" / "checkpoints" / ws.run_id / ckpt_io.LAST
+    copy.parent.mkdir(parents=True)
+    torch.save(old, copy)
+    before = snapshot(ws.root)
+    assert main(["--resume", ws.run_id, "--output-dir", str(copy.parents[2]), "--no-progress"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (f"error: checkpoint {copy} was not written by this harness "
+                                                       f"(numpy data outside its RNG state)")
+    assert snapshot(ws.root) == before  # not converted, not rewritten
+
+
+def test_bit_npz_with_pickled_objects_is_refused_unread(tmp_path):
+    """zoo.load_bit_weights reads .npz with allow_pickle=False: an object array is an error, never unpickled."""
+    model = zoo.bit.bit_resnetv2((1, 1, 1, 1), base_width=8)
+    keys = list(zoo.bit._bit_key_map(model))  # exactly the keys it expects, so it reaches the arrays
+    marker = tmp_path / "pwned-npz"
+    evil = np.empty(1, dtype=object)
+    evil[0] = CreatesFile(marker, "open")
+    np.savez(tmp_path / "evil.npz", **{k: evil for k in keys})
+    with pytest.raises(ValueError, match="allow_pickle"):
+        zoo.load_bit_weights(model, tmp_path / "evil.npz")
+    assert not marker.exists()
 
 
 def test_non_finite_loss_fails_only_the_new_run(ws, capsys):

@@ -162,7 +162,7 @@ def test_sweep_on_postgres_storage_logs_to_mlflow_server(tmp_path, tiny_image_fo
     both keep their schema version in a table named alembic_version, so they cannot share one."""
     from optuna.trial import TrialState
 
-    from sweeps.densenet_bc import RUN_ATTR
+    from sweeps.records import RUN_ATTR
 
     user, dbname = pg_database
     if dbname == PG_DB:

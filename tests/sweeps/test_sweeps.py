@@ -1,5 +1,6 @@
-"""sweeps/densenet_bc.py: space validation, pruning, Pareto, --max-params, MLflow linkage, and the exact
-trial cap across workers (journal file and PostgreSQL), including a worker killed mid-trial."""
+"""sweeps/ (densenet_bc.py and the modules behind it): space validation, pruning, Pareto, --max-params, MLflow
+linkage, and the exact trial cap across workers (journal file and PostgreSQL), including a worker killed
+mid-trial."""
 from __future__ import annotations
 
 import os
@@ -19,12 +20,16 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from experiments.errors import UserError
-from experiments.train import Interrupted
-from sweeps import densenet_bc
-from sweeps.densenet_bc import PARAMS_ATTR, REJECTED_ATTR, RUN_ATTR, main, param_count
+from experiments import names
+from experiments.errors import Interrupted, UserError
+from experiments.tracking import RunState, TrackingStore
+from sweeps import trials as sweep_trials
+from sweeps.densenet_bc import main, param_count
+from sweeps.records import RUN_ATTR
 from sweeps.space import DEFAULT_SPACE, SearchSpace, load_space
 from sweeps.study import WORKER_ATTR, open_storage
+from sweeps.trials import PARAMS_ATTR, REJECTED_ATTR
+from sweeps.workers import worker_failures
 from tests.helpers import REPO, service_missing
 
 SCRIPT = REPO / "sweeps" / "densenet_bc.py"
@@ -133,6 +138,20 @@ def test_bad_space_is_one_line_user_error(tmp_path: Path, text: str, message: st
     assert "\n" not in str(info.value)
 
 
+def test_space_reads_from_a_pipe(tmp_path: Path) -> None:
+    """`--space <(...)` hands the command a /dev/fd path to a pipe, not a regular file (issue 13)."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, SPACE.encode())
+    os.close(write_fd)
+    try:
+        space = load_space(f"/dev/fd/{read_fd}")
+    finally:
+        os.close(read_fd)
+    assert space == SearchSpace(growth_rate=(8, 16, 4), compression=(0.5, 1.0), depths=(10,))
+    with pytest.raises(UserError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml")
+
+
 def test_space_suggests_depth_only_when_several() -> None:
     study = optuna.create_study()
     fixed = SearchSpace(depths=(40,)).suggest(study.ask())
@@ -162,6 +181,24 @@ def test_bad_flag_values_fail_with_one_line(capsys: pytest.CaptureFixture, extra
         main(extra)
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_tracking_store_closes_only_a_run_left_running(mlflow_uri: str) -> None:
+    """What closes a dead worker's trial run: a RUNNING run is tagged and ended; an ended or unknown one is left."""
+    store = TrackingStore(mlflow_uri, f"store-{uuid.uuid4().hex[:8]}")
+    running = store.create_run("left-running", {names.KIND: names.KIND_TRIAL}, {names.ARCH: "densenet_bc"},
+                               metrics={names.PARAM_COUNT: 5})
+    finished = store.create_run("finished", {}, {})
+    store.end_run(finished, "FINISHED")
+    assert store.end_if_running(running, "FAILED", {names.FAILURE: "worker died"})
+    assert not store.end_if_running(finished, "FAILED", {names.FAILURE: "worker died"})
+    assert store.run_state("0" * 32) is None and not store.end_if_running("0" * 32, "FAILED", {})
+    assert store.run_state(running) == RunState("FAILED", deleted=False)
+    assert store.run_state(finished) == RunState("FINISHED", deleted=False)
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(running)
+    assert run.data.tags[names.FAILURE] == "worker died" and run.data.metrics == {names.PARAM_COUNT: 5.0}
+    assert run.data.params == {names.ARCH: "densenet_bc"} and names.FAILURE not in client.get_run(finished).data.tags
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,13 +255,13 @@ def test_retrain_best_later_reopens_the_parent_and_reports_test_acc(sweep: dict,
     argv = [*sweep["argv"], "--storage", sweep["journal"], "--study-name", "later", "--trials", "2", "--pruner", "none"]
     assert main(argv) == 0
     parent_status: list[str] = []
-    real_fit = densenet_bc.fit
+    real_fit = sweep_trials.fit
 
     def watching_fit(cfg, tracker, callbacks=(), options=None, data=None):
         parent_status.append(mlflow.MlflowClient(sweep["uri"]).get_run(options.parent_run_id).info.status)
         return real_fit(cfg, tracker, callbacks, options, data=data)
 
-    monkeypatch.setattr(densenet_bc, "fit", watching_fit)
+    monkeypatch.setattr(sweep_trials, "fit", watching_fit)
     capsys.readouterr()
     assert main([*argv, "--retrain-best"]) == 0
     assert parent_status == ["RUNNING"]  # only the retrain trained
@@ -243,7 +280,7 @@ def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatc
     assert param_count({"depth": 10, "growth_rate": 12, "compression": 1.0}, 10) < budget
     assert param_count({"depth": 10, "growth_rate": 16, "compression": 0.5}, 10) > budget
     trained: list[dict] = []
-    real_fit = densenet_bc.fit
+    real_fit = sweep_trials.fit
 
     parent_status: list[str] = []
 
@@ -252,7 +289,7 @@ def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatc
         parent_status.append(mlflow.MlflowClient(sweep["uri"]).get_run(options.parent_run_id).info.status)
         return real_fit(cfg, tracker, callbacks, options, data=data)
 
-    monkeypatch.setattr(densenet_bc, "fit", counting_fit)
+    monkeypatch.setattr(sweep_trials, "fit", counting_fit)
     name = "budget"
     study = optuna.create_study(storage=journal(sweep["journal"]), study_name=name, direction="maximize")
     study.enqueue_trial({"growth_rate": 16, "compression": 1.0})  # over the budget
@@ -422,7 +459,7 @@ def test_interrupted_trial_is_queued_again_and_trained_on_rerun(sweep: dict, mon
     """SIGTERM or Ctrl-C during the second trial (fit() raises them at a step or epoch boundary): the
     command stops, the trial is failed and its parameters queued again, and rerunning the command
     trains them and ends with exactly --trials trials."""
-    real_fit = densenet_bc.fit
+    real_fit = sweep_trials.fit
     calls: list[int] = []
 
     def interrupted_fit(cfg, tracker, callbacks=(), options=None, data=None):
@@ -433,7 +470,7 @@ def test_interrupted_trial_is_queued_again_and_trained_on_rerun(sweep: dict, mon
 
         return real_fit(cfg, tracker, [*callbacks, stop] if len(calls) == 2 else callbacks, options, data=data)
 
-    monkeypatch.setattr(densenet_bc, "fit", interrupted_fit)
+    monkeypatch.setattr(sweep_trials, "fit", interrupted_fit)
     argv = [*sweep["argv"], "--storage", sweep["journal"], "--study-name", "interrupt", "--trials", "3",
             "--pruner", "none"]
     load = lambda: optuna.load_study(study_name="interrupt", storage=journal(sweep["journal"]))  # noqa: E731
@@ -496,7 +533,7 @@ def test_worker_killed_like_the_oom_killer_is_a_warning_when_the_others_complete
                       "resume the study"),
 ])
 def test_worker_failures_line(codes: list[int], complete: bool, line: str | None) -> None:
-    assert densenet_bc.worker_failures(codes, complete) == line
+    assert worker_failures(codes, complete) == line
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ KUANGLIU = "kuangliu/pytorch-cifar models"
 CIFAR100 = "weiaicunzai/pytorch-cifar100 models"
 AKAMASTER = "akamaster/pytorch_resnet_cifar10 resnet.py"
 DENSENET_PAPER = "Huang et al. 2017 Table 2"
+TORCHVISION_DENSENET = "torchvision.models.DenseNet"
 PARAM_TABLE = [
     ("alexnet", 10, {}, 2_472_266, True, f"{BEARPAW}/alexnet.py; README 2.47M"),
     ("alexnet", 100, {}, 2_495_396, True, f"{BEARPAW}/alexnet.py at 100 classes"),
@@ -48,6 +49,10 @@ PARAM_TABLE = [
     ("densenet169", 100, {}, 12_643_172, True, f"{CIFAR100}/densenet.py densenet169"),
     ("densenet201", 100, {}, 18_277_220, True, f"{CIFAR100}/densenet.py; README 18M"),
     ("densenet161", 100, {}, 26_681_188, True, f"{CIFAR100}/densenet.py; README 26M"),
+    # No reference repository builds DenseNet-264 with this stem: the count is torchvision's build with its
+    # ImageNet stem swapped (tests/zoo/test_densenet.py::test_imagenet_configs_match_torchvision).
+    ("densenet264", 100, {}, 30_909_796, True,
+     f"{TORCHVISION_DENSENET}(32, (6, 12, 64, 48), 64) 30,917,604 - 7x7 stem and norm0 (7,808)"),
 ]
 
 # (variant, classes, cifar-stem params, source). timm's resnetv2_*_bit differs from our

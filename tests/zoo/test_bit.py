@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import GroupNormAct, StdConv2d
 
 from zoo import bit
-from zoo._registry import create_model, model_family
+from zoo._registry import create_model, model_defaults, model_family
 from zoo.info import count_params
 from tests.zoo.param_tables import BIT_PARAM_TABLE
 
@@ -47,7 +48,11 @@ def test_registry_and_layers() -> None:
     assert model_family("bit_r152x2") == "bit"
     model = bit.bit_r50x1(base_width=8)
     convs = [m for m in model.modules() if isinstance(m, StdConv2d)]
-    assert convs and all(m.eps == 1e-8 for m in convs)
+    assert convs and all(m.eps == 1e-10 for m in convs)  # the official code's eps, not timm's 1e-8
+    assert model_defaults("bit_r50x1")["ws_eps"] == 1e-10
+    timm_eps = create_model("bit_r50x1", base_width=8, ws_eps=1e-8)
+    assert all(m.eps == 1e-8 for m in timm_eps.modules() if isinstance(m, StdConv2d))
+    assert count_params(timm_eps) == count_params(model)
     assert model.stem.conv.kernel_size == (3, 3) and model.stem.conv.stride == (1, 1) and len(model.stem) == 1
     assert all(isinstance(m, GroupNormAct) for m in (model.norm, model.stages[0].blocks[0].norm1))
 
@@ -87,6 +92,8 @@ def test_narrow_width_builds_and_runs(base_width: int, width_factor: int) -> Non
         (dict(base_width=12), "multiple of 8"),
         (dict(drop_rate=1.0), r"drop_rate must be a number in \[0, 1\), got 1.0"),
         (dict(drop_rate="a"), r"drop_rate must be a number in \[0, 1\), got 'a'"),
+        (dict(ws_eps=0), r"ws_eps must be a number in \(0, 1\), got 0"),
+        (dict(ws_eps="1e-8"), r"ws_eps must be a number in \(0, 1\), got '1e-8'"),
         (dict(width_factor=True), "width_factor must be an integer >= 1"),
         (dict(depth=50), "no hyperparameter"),
     ],
@@ -247,3 +254,69 @@ def test_load_errors(tmp_path) -> None:
     junk.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.npz"):
         bit.load_bit_weights(model, junk)
+
+
+# --- what the official code computes -------------------------------------------------------------------
+
+OFFICIAL_LAYERS = (2, 1, 1, 1)
+
+
+def _official_forward(weights: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """google-research/big_transfer bit_pytorch/models.py ResNetV2.forward, written out on the .npz arrays:
+    StdConv2d w = (w - m) / torch.sqrt(v + 1e-10) with v, m = var_mean over (I, H, W), unbiased=False;
+    GroupNorm(32, eps 1e-5); root 7x7/2 conv, ConstantPad2d(1, 0), MaxPool2d(3, 2); pre-activation units
+    whose first unit projects from the pre-activated input and strides its 3x3 conv (stages 2-4); head GN,
+    ReLU, global mean, 1x1 conv with bias."""
+    def conv(key: str, h: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        w = torch.from_numpy(weights[key]).permute(3, 2, 0, 1)  # HWIO -> OIHW, as tf2th
+        v, m = torch.var_mean(w, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        w = (w - m) / torch.sqrt(v + 1e-10)
+        return F.conv2d(h, w, stride=stride, padding=w.shape[-1] // 2)
+
+    def gn_relu(prefix: str, h: torch.Tensor) -> torch.Tensor:
+        gamma, beta = (torch.from_numpy(weights[f"{prefix}group_norm/{k}"]) for k in ("gamma", "beta"))
+        return F.relu(F.group_norm(h, 32, gamma, beta, eps=1e-5))
+
+    h = conv("resnet/root_block/standardized_conv2d/kernel", x, stride=2)
+    h = F.max_pool2d(F.pad(h, (1, 1, 1, 1)), kernel_size=3, stride=2)
+    for b, units in enumerate(OFFICIAL_LAYERS, start=1):
+        for u in range(1, units + 1):
+            unit, stride = f"resnet/block{b}/unit{u:02d}/", 2 if b > 1 and u == 1 else 1
+            out = gn_relu(f"{unit}a/", h)
+            residual = conv(f"{unit}a/proj/standardized_conv2d/kernel", out, stride) if u == 1 else h
+            out = conv(f"{unit}a/standardized_conv2d/kernel", out)
+            out = conv(f"{unit}b/standardized_conv2d/kernel", gn_relu(f"{unit}b/", out), stride)
+            h = conv(f"{unit}c/standardized_conv2d/kernel", gn_relu(f"{unit}c/", out)) + residual
+    h = gn_relu("resnet/", h).mean(dim=(2, 3), keepdim=True)
+    head = torch.from_numpy(weights["resnet/head/conv2d/kernel"]).permute(3, 2, 0, 1)
+    return F.conv2d(h, head, torch.from_numpy(weights["resnet/head/conv2d/bias"]))[..., 0, 0]
+
+
+def test_official_weights_compute_what_the_official_code_computes(tmp_path) -> None:
+    # base_width 32: every width is a multiple of 32, so our group counts equal the official GroupNorm(32, c).
+    torch.manual_seed(0)
+    src = bit.bit_resnetv2(OFFICIAL_LAYERS, base_width=32, stem="imagenet")
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, (GroupNormAct, torch.nn.Conv2d)) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+        # One residual branch's last conv gets zero-mean filters of variance 1e-10, where the eps decides the
+        # branch's scale against the identity it is added to (a GroupNorm follows every other conv and undoes
+        # any scale): the official 1e-10 multiplies it by 1/sqrt(2), timm's 1e-8 by about 1/10.
+        w = src.stages[0].blocks[1].conv3.weight
+        w.copy_((w - w.mean(dim=(1, 2, 3), keepdim=True)) / w.std(dim=(1, 2, 3), keepdim=True, unbiased=False) * 1e-5)
+    path = tmp_path / "BiT-M-tiny.npz"
+    _write_checkpoint(src, path)
+    x = torch.randn(2, 3, 32, 32)
+    with np.load(path) as weights:
+        expected = _official_forward(dict(weights), x)
+
+    def loaded(**kwargs) -> torch.Tensor:
+        model = bit.bit_resnetv2(OFFICIAL_LAYERS, base_width=32, stem="imagenet", **kwargs).eval()
+        assert bit.load_bit_weights(model, path)["skipped"] == []
+        with torch.no_grad():
+            return model(x)
+
+    torch.testing.assert_close(loaded(), expected, rtol=1e-4, atol=1e-5)
+    # timm's eps gives another function on the same weights.
+    assert (loaded(ws_eps=1e-8) - expected).abs().max() > 0.1 * expected.abs().max()

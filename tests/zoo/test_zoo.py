@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ import torch.nn as nn
 
 import zoo
 from zoo._registry import register_model
+from zoo.__main__ import CACHE_FOLDER, source_key, zoo_table
+from zoo.info import variant_info as info_on_meta
 from tests.helpers import REPO
 from tests.zoo.param_tables import BIT_PARAM_TABLE, INCEPTION_PARAM_TABLE, PARAM_TABLE
 
@@ -63,16 +67,44 @@ def test_registered_model(name: str, hparams: dict, num_classes: int) -> None:
 
 
 @pytest.mark.slow
-def test_cli_json_lists_every_variant() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "zoo", "--json"], cwd=REPO, env=env, capture_output=True, text=True, check=True
+def test_cli_json_lists_every_variant(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CNN_ZOO_CACHE": str(tmp_path)}
+    cold, warm = (
+        subprocess.run([sys.executable, "-m", "zoo", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                       check=True)
+        for _ in range(2)
     )
-    rows = json.loads(result.stdout)
+    assert warm.stdout == cold.stdout and len(list(tmp_path.glob(f"{CACHE_FOLDER}/*.json"))) == 1
+    rows = json.loads(cold.stdout)
     assert [r["name"] for r in rows] == zoo.list_models()
     for row in rows:
         assert isinstance(row["params"], int) and row["params"] > 0
         assert isinstance(row["flops"], int) and row["flops"] > 0
+
+
+def test_table_is_cached_by_source_and_class_count(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(zoo, "list_models", lambda: ["alexnet", "resnet20"])  # two variants keep it quick
+    counted = []
+    monkeypatch.setattr(zoo, "variant_info", lambda name, n: counted.append((name, n)) or info_on_meta(name, n))
+    rows = zoo_table(10, cache_dir=tmp_path)
+    assert [r["name"] for r in rows] == ["alexnet", "resnet20"] and len(counted) == 2
+    assert rows[1] == {"name": "resnet20", "family": "resnet", **info_on_meta("resnet20", 10)}
+    assert zoo_table(10, cache_dir=tmp_path) == rows and len(counted) == 2  # read back, nothing counted
+    zoo_table(100, cache_dir=tmp_path)
+    assert len(counted) == 4  # another class count is another table
+    for damaged in (tmp_path / CACHE_FOLDER).glob("*.json"):
+        damaged.write_text(damaged.read_text()[:20])
+    assert zoo_table(10, cache_dir=tmp_path) == rows and len(counted) == 6
+
+
+def test_cache_key_changes_with_any_zoo_source_file(tmp_path, monkeypatch) -> None:
+    copy = shutil.copytree(Path(zoo.__file__).parent, tmp_path / "zoo", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(zoo, "__file__", str(copy / "__init__.py"))
+    before = source_key(10)
+    assert source_key(10) == before and source_key(100) != before
+    with open(copy / "resnet.py", "a") as f:
+        f.write("# an edit\n")
+    assert source_key(10) != before
 
 
 def test_unknown_model_suggests_close_matches() -> None:
