@@ -60,6 +60,18 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ResizeConfig:
+    """Training: resize to ``precrop`` x ``precrop``, random ``crop`` x ``crop`` crop (then the recipe's flip);
+    evaluation: resize to ``crop`` x ``crop``. 0 = images keep their size (BiT-HyperRule: 160 and 128)."""
+
+    precrop: int = 0
+    crop: int = 0
+
+    def sides(self) -> tuple[int, int] | None:
+        return (self.precrop, self.crop) if self.crop else None
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str = ""
@@ -75,13 +87,26 @@ class Recipe:
     subset: int | None = None  # class-balanced first N training images (after the validation split)
     eval_batch_size: int = 500
     eval_every: int = 1  # epochs between evaluations; the last epoch is always evaluated
+    # Fields added later: left out of the hash at their defaults, so earlier recipes keep their hashes.
+    mixup_alpha: float = 0.0  # MixUp with lambda ~ Beta(alpha, alpha), one lambda per batch; 0 = off
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    epoch_steps: int | None = None  # steps per epoch (None: one pass); a smaller training set is repeated
+    hyperrule: bool = False  # BiT-HyperRule: fit() derives the schedule, MixUp and resize from the data
 
-    def hash(self) -> str:
-        """12 hex chars over every field except name and description: identical recipe => identical hash."""
+    def content(self) -> dict[str, Any]:
+        """What the hash covers and the run records: every field except name and description, and the fields
+        added later only where they differ from their defaults."""
         content = dataclasses.asdict(self)
         content.pop("description")
         content.pop("name")
-        blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        for key, default in _LATER_FIELDS.items():
+            if content[key] == default:
+                content.pop(key)
+        return content
+
+    def hash(self) -> str:
+        """12 hex chars over ``content()``: identical recipe => identical hash."""
+        blob = json.dumps(self.content(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def validate(self) -> "Recipe":
@@ -102,6 +127,12 @@ class Recipe:
             (self.val_size >= 0, "val_size must be >= 0"),
             (self.subset is None or self.subset >= 1, "subset must be >= 1 or null"),
             (self.augment.crop_padding >= 0, "augment.crop_padding must be >= 0"),
+            (self.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
+            (self.epoch_steps is None or self.epoch_steps >= 1, "epoch_steps must be >= 1 or null"),
+            (self.resize.crop >= 0 and (self.resize.crop == 0) == (self.resize.precrop == 0)
+             and self.resize.precrop >= self.resize.crop, "resize: precrop >= crop >= 1, or both 0"),
+            (not (self.resize.crop and self.augment.random_crop),
+             "resize crops already: set augment.random_crop to false"),
         ]
         for ok, rule in checks:
             if not ok:
@@ -121,16 +152,26 @@ class RunConfig:
     download: bool = False
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool | None = None  # bf16 autocast; None = on for CUDA
-    channels_last: bool | None = None  # None = on for CUDA
-    compile: bool = False
+    amp: bool | None = None  # bf16 autocast; None = on for CUDA and CPUs with native bf16 (runtime.speed_settings)
+    channels_last: bool | None = None  # None = on
+    compile: bool | None = None  # None = on when the run is long enough to repay compiling (runtime.speed_settings)
     output_dir: str = "./outputs"
+    pretrained: str | None = None  # fine-tune from: a weights file, or "timm" (timm's own, from its cache)
+    pretrained_sha256: str | None = None  # set by fit() from the file; a resumed run must find the same
+    shots: int | None = None  # train on K images per class, drawn with the seed from the training split
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "seed")
+        if self.shots is not None and (isinstance(self.shots, bool) or not isinstance(self.shots, int)
+                                       or self.shots < 1):
+            raise UserError(f"--shots must be an integer >= 1, got {self.shots!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_LATER_FIELDS = {name: dataclasses.asdict(Recipe(name=""))[name]
+                 for name in ("mixup_alpha", "resize", "epoch_steps", "hyperrule")}
 
 
 # ----------------------------------------------------------------------------------------------

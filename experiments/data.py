@@ -44,6 +44,7 @@ from torchvision.datasets import utils as tv_utils
 
 from experiments.config import NUM_CLASSES
 from experiments.errors import DataError, UserError
+from experiments.zoo_names import cache_root
 
 IMAGE_SIZE = 32
 GRAY_SIZE = 28  # MNIST and Fashion-MNIST, padded to IMAGE_SIZE
@@ -630,9 +631,7 @@ _ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("CNN_ZOO_CACHE") or Path.home() / ".cache" / "cnn-zoo"
-    return Path(cache_dir).expanduser() / CACHE_FORMAT
+    return (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / CACHE_FORMAT
 
 
 def _cache_read(cache: Path, digest: str) -> _Cached | None:
@@ -735,14 +734,17 @@ def class_balanced_subset(ds: ArrayDataset, n: int) -> ArrayDataset:
 
 
 def augment_batch(x: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flips: torch.Tensor,
-                  padding: int) -> torch.Tensor:
-    """Per-image random crop with zero padding, then horizontal flip, on uint8 NHWC images.
+                  padding: int, size: int | None = None) -> torch.Tensor:
+    """Per-image random crop with zero padding, then horizontal flip, on NHWC images (uint8, or float from
+    ``resize_batch``).
 
-    Image i is ``crop(pad(x[i], padding), top=offsets_y[i], left=offsets_x[i])`` at the original size,
-    mirrored left-right where ``flips[i]``: exactly torchvision's RandomCrop(size, padding) followed by
-    RandomHorizontalFlip for those parameters. One pad and one gather for the whole batch.
+    Image i is ``crop(pad(x[i], padding), top=offsets_y[i], left=offsets_x[i])`` at the original size (or
+    ``size`` x ``size``), mirrored left-right where ``flips[i]``: exactly torchvision's RandomCrop(size,
+    padding) followed by RandomHorizontalFlip for those parameters. One pad and one gather for the batch.
     """
     b, h, w, _ = x.shape
+    if size is not None:
+        h = w = size
     padded = F.pad(x, (0, 0, padding, padding, padding, padding)) if padding else x
     ys = torch.arange(h, device=x.device)
     xs = torch.arange(w, device=x.device)
@@ -753,15 +755,43 @@ def augment_batch(x: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Ten
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 
-def sample_augmentation(n: int, padding: int, hflip: bool,
-                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(offsets_y, offsets_x, flips) for n images: offsets uniform on [0, 2*padding], flips Bernoulli(0.5),
-    all independent, drawn from ``generator`` on its device."""
+def sample_augmentation(n: int, padding: int, hflip: bool, generator: torch.Generator,
+                        span: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets_y, offsets_x, flips) for n images: offsets uniform on [0, span] (default 2*padding), flips
+    Bernoulli(0.5), all independent, drawn from ``generator`` on its device."""
     kw = {"generator": generator, "device": generator.device}
-    offsets_y = torch.randint(0, 2 * padding + 1, (n,), **kw)
-    offsets_x = torch.randint(0, 2 * padding + 1, (n,), **kw)
+    high = (2 * padding if span is None else span) + 1
+    offsets_y = torch.randint(0, high, (n,), **kw)
+    offsets_x = torch.randint(0, high, (n,), **kw)
     flips = torch.randint(0, 2, (n,), **kw).bool() if hflip else torch.zeros(n, dtype=torch.bool, device=kw["device"])
     return offsets_y, offsets_x, flips
+
+
+def resize_batch(x: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 NHWC images bilinearly resized to ``side`` x ``side``: float NHWC (a view of NCHW memory) on the
+    0-255 scale, as torchvision's Resize((side, side)). Every dataset here is 32x32 and only ever upsampled,
+    where antialiasing changes nothing."""
+    nchw = x.permute(0, 3, 1, 2).float()
+    return F.interpolate(nchw, size=(side, side), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+
+def sample_mixup(steps: int, batch: int, alpha: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp draws for ``steps`` batches: lambda ~ Beta(alpha, alpha) per batch (on the host: numpy's Beta
+    sampler seeded by one draw from ``generator``, which has no Beta of its own) and a permutation of the batch
+    per batch (on the generator's device)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=steps))
+    perms = torch.rand(steps, batch, generator=generator, device=generator.device).argsort(dim=1)
+    return lam, perms
+
+
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor,
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp (Zhang et al. 2018) of one batch with itself in ``perm`` order: ``lam * x + (1 - lam) * x[perm]``
+    and the same mixture of one-hot targets, whose cross-entropy is BiT's mixup_criterion."""
+    target = F.one_hot(y, num_classes).float()
+    return x * lam + x[perm] * (1 - lam), target * lam + target[perm] * (1 - lam)
 
 
 class DeviceLoader:
@@ -775,6 +805,11 @@ class DeviceLoader:
     ``drop_last`` defaults to True so every batch has the same shape and torch.compile never recompiles.
     ``crop_padding=0`` disables the crop, ``hflip=False`` the flip. ``shard=(rank, world)`` (torchrun) yields
     rank's ``batch_size // world`` slice of every global batch; all ranks must share the generator's seed.
+    Transfer options (BiT-HyperRule), each off by default and drawing nothing from ``generator`` when off:
+    ``resize=(precrop, crop)`` resizes to precrop and crops a random crop x crop square (replacing the padded
+    crop) in training, and resizes to crop in evaluation; ``mixup_alpha`` > 0 mixes each training batch with
+    itself (``sample_mixup``) and yields one-hot-mixed float targets of width ``num_classes``; ``epoch_size``
+    samples per epoch are drawn as back-to-back permutations (a training set smaller than a batch repeats).
 
     Eval mode (``train=False``) yields ``(x, y, valid)``: every sample exactly once in dataset order, no
     augmentation. The last batch is padded to ``batch_size`` by repeating samples from the start, again
@@ -785,7 +820,9 @@ class DeviceLoader:
     def __init__(self, ds: ArrayDataset, batch_size: int, device: torch.device, mean: Sequence[float],
                  std: Sequence[float], *, train: bool, crop_padding: int = 4, hflip: bool = True,
                  generator: torch.Generator | None = None, channels_last: bool = False,
-                 drop_last: bool | None = None, shard: tuple[int, int] = (0, 1)) -> None:
+                 drop_last: bool | None = None, shard: tuple[int, int] = (0, 1),
+                 resize: tuple[int, int] | None = None, mixup_alpha: float = 0.0, num_classes: int | None = None,
+                 epoch_size: int | None = None) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         rank, world = shard
@@ -798,8 +835,10 @@ class DeviceLoader:
             raise ValueError("a sharded training loader needs drop_last: a short last batch has no equal slices")
         if drop_last and not train:
             raise ValueError("eval mode yields every sample once; drop_last must be False or None")
-        if train and drop_last and len(ds) < batch_size:
+        if train and drop_last and (epoch_size or len(ds)) < batch_size:
             raise UserError(f"batch size {batch_size} exceeds the {len(ds)} training images")
+        if mixup_alpha and not num_classes:
+            raise ValueError("MixUp mixes one-hot targets: give num_classes")
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.train = train
@@ -808,6 +847,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.drop_last = drop_last
         self.shard = shard
+        self.resize, self.mixup_alpha, self.num_classes, self.epoch_size = resize, mixup_alpha, num_classes, epoch_size
         if generator is None:
             # Seeded from the global RNG so torch.manual_seed governs data order too.
             generator = torch.Generator(device=self.device)
@@ -822,7 +862,7 @@ class DeviceLoader:
         self._shift = mean_t / std_t
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.epoch_size or len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, int]]:
@@ -835,27 +875,41 @@ class DeviceLoader:
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x.float().mul_(self._scale).sub_(self._shift)
 
+    def _order(self, size: int) -> torch.Tensor:
+        """``size`` sample indices: back-to-back permutations of the dataset (one when ``size`` is its length)."""
+        n, g = len(self.labels), self.generator
+        perms = [torch.randperm(n, generator=g, device=g.device) for _ in range(-(-size // n))]
+        return (perms[0] if len(perms) == 1 else torch.cat(perms)[:size]).to(self.device)
+
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        perm = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
+        size = self.epoch_size or len(self.labels)
+        perm = self._order(size)
+        span = self.resize[0] - self.resize[1] if self.resize else None
         oy, ox, flips = (t.to(self.device) for t in
-                         sample_augmentation(n, self.crop_padding, self.hflip, self.generator))
+                         sample_augmentation(size, self.crop_padding, self.hflip, self.generator, span))
         augment = self.crop_padding > 0 or self.hflip
         # Every rank draws the same permutation and augmentation; each takes its slice of every global batch.
         rank, world = self.shard
         local = self.batch_size // world
+        mix = sample_mixup(len(self), local, self.mixup_alpha, self.generator) if self.mixup_alpha else None
         for b in range(len(self)):
             start = b * self.batch_size + rank * local
             pos = slice(start, start + local)
             idx = perm[pos]
             x = self.images[idx]
-            if augment:
+            if self.resize:
+                x = augment_batch(resize_batch(x, self.resize[0]), oy[pos], ox[pos], flips[pos], 0, self.resize[1])
+            elif augment:
                 x = augment_batch(x, oy[pos], ox[pos], flips[pos], self.crop_padding)
-            yield self._normalise(x), self.labels[idx]
+            x, y = self._normalise(x), self.labels[idx]
+            if mix is not None:
+                x, y = mixup_batch(x, y, float(mix[0][b]), mix[1][b].to(self.device), self.num_classes)
+            yield x, y
 
     def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         n = len(self.labels)
         for b in range(len(self)):
             start = b * self.batch_size
             idx = torch.arange(start, start + self.batch_size, device=self.device) % n
-            yield self._normalise(self.images[idx]), self.labels[idx], min(self.batch_size, n - start)
+            x = self.images[idx] if self.resize is None else resize_batch(self.images[idx], self.resize[1])
+            yield self._normalise(x), self.labels[idx], min(self.batch_size, n - start)

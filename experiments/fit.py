@@ -26,13 +26,16 @@ from tqdm import tqdm
 
 import zoo
 from experiments import checkpoint as ckpt_io
-from experiments import names
+from experiments import names, transfer
 from experiments.config import RunConfig, flatten
 from experiments.data import DatasetBundle, DeviceLoader, load_dataset
 from experiments.errors import Interrupted, NonFiniteLoss, UserError
-from experiments.resume import Checkpoint, PartialEpoch, Progress, check_compatible, check_same_data
+from experiments.monitor import (QUICKSTART, QUICKSTART_AFTER_SECONDS, RunLength, divergence, estimate_line,
+                                 eval_batches_left, quickstart_line)
+from experiments.resume import (Checkpoint, PartialEpoch, Progress, check_compatible, check_same_data,
+                                pin_legacy_speed)
 from experiments.runtime import (DistEnv, any_rank, cpu_heap_policy, graceful_signals, process_group, rank_seed,
-                                 resolve_device, seed_everything)
+                                 resolve_device, seed_everything, speed_settings)
 from experiments.tracking import Tracker, environment_tags
 from experiments.trainer import FINITE_CHECK_EVERY, Splits, StepMeter, Trainer, make_splits, train_loader
 
@@ -42,6 +45,7 @@ EpochCallback = Callable[[int, dict[str, float]], bool | None]
 
 # Under torchrun, steps between the collective where ranks agree to stop on a signal (and reseed dropout).
 RANK_SYNC_EVERY = FINITE_CHECK_EVERY
+TRAIN_FLOPS_PER_FORWARD = 3  # a training step ~ forward + backward (gradients w.r.t. activations and weights)
 
 
 @dataclass
@@ -76,6 +80,7 @@ def fit(cfg: RunConfig, tracker: Tracker | None = None, callbacks: Sequence[Epoc
     Ends the tracker run FINISHED, KILLED (SIGTERM/Ctrl-C, or a callback stopped it) or FAILED
     (an exception, e.g. a non-finite loss); never leaves it RUNNING.
     """
+    started = time.perf_counter()
     options = options or FitOptions()
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
@@ -93,20 +98,23 @@ def fit(cfg: RunConfig, tracker: Tracker | None = None, callbacks: Sequence[Epoc
         bundle = data or load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
         if resume is not None:
             forced += check_same_data(resume, bundle.digest, bundle.source, options.force_resume)
-        plan = make_plan(cfg, env, device, bundle)
+            cfg = pin_legacy_speed(cfg, device.type == "cuda")
+        cfg, pinned = transfer.pin_weights(cfg, options.force_resume)  # fine-tuning: the weights' sha256
+        forced += pinned
 
-        # --- model (fresh, or as the checkpoint left it) ---
+        # --- model (fresh, or as the checkpoint left it); its FLOPs settle whether compiling pays ---
         model, info = build_model(cfg, bundle.num_classes)
-        trainer = Trainer(model, cfg.recipe, device, plan.total_steps, amp=plan.amp,
-                          channels_last=plan.channels_last, compile=cfg.compile, distributed=env.world > 1)
+        plan = make_plan(cfg, env, device, bundle, forward_flops=info["flops"])
+        trainer = build_trainer(plan, model)
         batches = make_batches(plan, options.evaluate_test)
         progress = resume.restore(trainer, batches.generator) if resume is not None else Progress()
 
         # --- epochs -> record. SIGTERM / Ctrl-C from here on only set a flag: the run always ends KILLED
         # with a usable checkpoint ---
-        recorder = Recorder(tracker or Tracker(), plan, info, options)
-        with graceful_signals() as pending, recorder.run(resume, model, forced):
-            stopped = run_epochs(Session(plan, trainer, batches, progress, recorder, pending), callbacks)
+        recorder = Recorder(tracker or Tracker(), plan, info, options, started)
+        forecast = Forecast(plan, trainer, batches, progress, recorder.say if env.main else None)
+        with graceful_signals(announce=env.main) as pending, recorder.run(resume, model, forced):
+            stopped = run_epochs(Session(plan, trainer, batches, progress, recorder, pending, forecast), callbacks)
             if pending:  # arrived after the last step: the final checkpoint is complete, --resume records the rest
                 raise Interrupted(pending[0])
             return recorder.finish(trainer, progress, stopped)
@@ -120,7 +128,7 @@ def fit(cfg: RunConfig, tracker: Tracker | None = None, callbacks: Sequence[Epoc
 class Plan:
     """What fit() settles before it builds anything: where it runs, on which splits, for how many steps."""
 
-    cfg: RunConfig
+    cfg: RunConfig  # amp, channels_last and compile resolved: what the run trains with
     env: DistEnv
     device: torch.device
     amp: bool
@@ -129,26 +137,41 @@ class Plan:
     splits: Splits
     steps_per_epoch: int
     total_steps: int
+    compile_rule: str = ""  # why cfg.compile is what it is
 
     @property
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs the learning-rate warm-up reaches into."""
+        warmup_steps = round(self.cfg.recipe.schedule.warmup_fraction * self.total_steps)
+        return math.ceil(warmup_steps / self.steps_per_epoch)
+
     def epoch_steps(self, epoch: int) -> int:
         return min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
 
 
-def make_plan(cfg: RunConfig, env: DistEnv, device: torch.device, bundle: DatasetBundle) -> Plan:
+def make_plan(cfg: RunConfig, env: DistEnv, device: torch.device, bundle: DatasetBundle,
+              forward_flops: float = 0.0) -> Plan:
+    """The splits and step counts, and the device defaults for the speed flags left None (compile by the
+    rule in experiments.runtime.speed_settings, from ``forward_flops`` per image and the planned steps)."""
+    splits = transfer.few_shot_splits(make_splits(bundle, cfg.recipe, cfg.seed), cfg.shots, cfg.seed)
+    # BiT-HyperRule recipes take their schedule, MixUp and resolution from the training set here.
+    cfg = dataclasses.replace(cfg, recipe=transfer.resolve_recipe(cfg.recipe, len(splits.train),
+                                                                  bundle.train.images.shape[1:3]))
     recipe = cfg.recipe
-    splits = make_splits(bundle, recipe, cfg.seed)
-    steps_per_epoch = len(splits.train) // recipe.batch_size
+    steps_per_epoch = recipe.epoch_steps or len(splits.train) // recipe.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"batch size {recipe.batch_size} is larger than the {len(splits.train)} training images")
     total_steps = recipe.max_steps if recipe.max_steps is not None else recipe.epochs * steps_per_epoch
-    on_cuda = device.type == "cuda"
-    return Plan(cfg, env, device, amp=cfg.amp if cfg.amp is not None else on_cuda,
-                channels_last=cfg.channels_last if cfg.channels_last is not None else on_cuda, bundle=bundle,
-                splits=splits, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    train_flops = TRAIN_FLOPS_PER_FORWARD * forward_flops * total_steps * recipe.batch_size / env.world
+    speed = speed_settings(device, cfg.amp, cfg.channels_last, cfg.compile, train_flops)
+    resolved = dataclasses.replace(cfg, amp=speed.amp, channels_last=speed.channels_last, compile=speed.compile)
+    return Plan(resolved, env, device, amp=speed.amp, channels_last=speed.channels_last, bundle=bundle,
+                splits=splits, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                compile_rule=speed.compile_rule)
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> tuple[nn.Module, dict[str, int]]:
@@ -158,7 +181,15 @@ def build_model(cfg: RunConfig, num_classes: int) -> tuple[nn.Module, dict[str, 
         model = zoo.create_model(cfg.arch, num_classes=num_classes, **cfg.model)
     except ValueError as e:  # unknown name or hyperparameters breaking the architecture's rules
         raise UserError(str(e)) from None
+    transfer.load_pretrained(model, cfg)  # fine-tuning: the pretrained weights, head zeroed
     return model, zoo.model_info(model)
+
+
+def build_trainer(plan: Plan, model: nn.Module) -> Trainer:
+    """The Trainer for ``model`` under the plan's device, precision, layout and compile settings."""
+    cfg = plan.cfg
+    return Trainer(model, cfg.recipe, plan.device, plan.total_steps, amp=plan.amp, channels_last=plan.channels_last,
+                   compile=cfg.compile, distributed=plan.env.world > 1)
 
 
 @dataclass
@@ -173,9 +204,12 @@ def make_batches(plan: Plan, evaluate_test: bool) -> Batches:
     recipe, splits = plan.cfg.recipe, plan.splits
     generator = torch.Generator(device=plan.device)
     generator.manual_seed(plan.cfg.seed)
-    kw = dict(device=plan.device, mean=plan.bundle.mean, std=plan.bundle.std, channels_last=plan.channels_last)
+    mean, std = transfer.input_stats(plan.cfg, plan.bundle)  # pretrained weights expect their own
+    kw = dict(device=plan.device, mean=mean, std=std, channels_last=plan.channels_last)
     shard = (plan.env.rank, plan.env.world)
-    train = train_loader(splits.train, recipe, recipe.batch_size, generator, shard=shard, **kw)
+    train = train_loader(splits.train, recipe, recipe.batch_size, generator, shard=shard,
+                         num_classes=plan.bundle.num_classes, **kw)
+    kw["resize"] = recipe.resize.sides()  # evaluation at the training crop's resolution
     val = DeviceLoader(splits.val, recipe.eval_batch_size, train=False, **kw) if len(splits.val) else None
     test = DeviceLoader(splits.test, recipe.eval_batch_size, train=False, **kw) if evaluate_test else None
     return Batches(generator, train, val, test)
@@ -188,8 +222,10 @@ def make_batches(plan: Plan, evaluate_test: bool) -> Batches:
 class Recorder:
     """The tracker run of one fit() and its checkpoints: the run's start, each epoch, its end."""
 
-    def __init__(self, tracker: Tracker, plan: Plan, info: dict[str, int], options: FitOptions):
+    def __init__(self, tracker: Tracker, plan: Plan, info: dict[str, int], options: FitOptions, started: float):
         self.tracker, self.plan, self.info, self.options = tracker, plan, info, options
+        self.started = started  # time.perf_counter() when this session's fit() began
+        self.wall_before = 0.0  # wall seconds of the run's earlier sessions
         self.main = plan.env.main
         self.say = print if self.main else (lambda *a, **k: None)
         self.show_progress = sys.stderr.isatty() if options.progress is None else options.progress
@@ -214,6 +250,8 @@ class Recorder:
             else:
                 self._reopen(resume, forced)
             self.say(self._header(), flush=True)
+            if not fresh:
+                self.say(self._resume_line(resume.progress), flush=True)
             yield
         except Interrupted as e:
             self.status = "KILLED"
@@ -252,6 +290,18 @@ class Recorder:
         for row in resume.progress.history:
             if row["epoch"] not in logged:
                 self.tracker.log_metrics(_logged(row), step=int(row["epoch"]))
+        self.wall_before = resume.progress.wall_seconds
+        if found := self._divergence(resume.progress):  # tagged again in case the crash came before the tag
+            self.tracker.set_tags({names.DIVERGED: found[1]})
+
+    def _resume_line(self, progress: Progress) -> str:
+        plan = self.plan
+        if progress.epoch >= plan.epochs:
+            return (f"[{plan.cfg.arch}] resuming run {self.run_id} after its last epoch ({progress.epoch}/"
+                    f"{plan.epochs}): recording its results")
+        step = progress.partial.step if progress.partial else 0
+        return (f"[{plan.cfg.arch}] resuming run {self.run_id} at epoch {progress.epoch + 1}/{plan.epochs}, "
+                f"step {step}/{plan.epoch_steps(progress.epoch + 1)}")
 
     def _header(self) -> str:
         plan, cfg, info = self.plan, self.plan.cfg, self.info
@@ -259,7 +309,8 @@ class Recorder:
         return (f"[{cfg.arch}] {info['params']:,} params, {info['flops'] / 1e6:,.1f} MFLOPs/image | recipe "
                 f"{cfg.recipe.name} ({cfg.recipe.hash()}) | {len(splits.train)} train / {len(splits.val)} val / "
                 f"{len(splits.test)} test | {plan.epochs} epochs x {plan.steps_per_epoch} steps | "
-                f"{plan.device.type}{' bf16' if plan.amp else ''}{f' x {world} processes' if world > 1 else ''} | "
+                f"{plan.device.type}{' bf16' if plan.amp else ''}{' compiled' if cfg.compile else ''}"
+                f"{f' x {world} processes' if world > 1 else ''} | "
                 f"run {self.run_id}")
 
     def save_best(self, trainer: Trainer, epoch: int, val_acc: float) -> None:
@@ -269,6 +320,7 @@ class Recorder:
                                  "config": cfg.to_dict(), "arch": cfg.arch}, self.out_dir / ckpt_io.BEST)
 
     def save_last(self, trainer: Trainer, generator: torch.Generator, progress: Progress) -> None:
+        progress.wall_seconds = self.wall_seconds()
         if self.main:
             cfg = self.plan.cfg
             ckpt = Checkpoint(run_id=self.run_id, arch=cfg.arch, recipe_hash=cfg.recipe.hash(), config=cfg.to_dict(),
@@ -284,10 +336,24 @@ class Recorder:
         self.save_last(trainer, generator, progress)
         self.tracker.log_metrics(_logged(row), step=int(row["epoch"]))
         self.say(epoch_line(self.plan.cfg.arch, self.plan.epochs, row), flush=True)
+        found = self._divergence(progress)
+        if found and found[0] == row["epoch"]:  # newly diverged: say it once; the run goes on (it is a result)
+            self.tracker.set_tags({names.DIVERGED: found[1]})
+            if self.main:
+                print(f"warning: [{self.plan.cfg.arch}] the run looks diverged: {found[1]}; it trains on to the end, "
+                      f"tagged {names.DIVERGED}", file=sys.stderr, flush=True)
+
+    def _divergence(self, progress: Progress) -> tuple[int, str] | None:
+        return divergence(progress.history, self.plan.bundle.num_classes, self.plan.warmup_epochs)
+
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: its earlier sessions and this one."""
+        return self.wall_before + time.perf_counter() - self.started
 
     def finish(self, trainer: Trainer, progress: Progress, stopped: bool) -> FitResult:
         """The summary metrics, the checkpoints and the model as artifacts; the run ends FINISHED (KILLED
         when a callback stopped it)."""
+        progress.wall_seconds = self.wall_seconds()
         summary = summarize(progress, self.info)
         at_end = {k: v for k, v in summary.items() if k not in (names.PARAM_COUNT, names.FLOPS)}  # logged at the start
         self.tracker.log_metrics(at_end, step=0)
@@ -324,10 +390,10 @@ def run_params(plan: Plan) -> dict[str, Any]:
         "total_steps": plan.total_steps,
         "batch_size": cfg.recipe.batch_size,
         **{f"{names.MODEL_PARAM_PREFIX}{k}": v for k, v in model_hp.items()},
-        **flatten({k: v for k, v in dataclasses.asdict(cfg.recipe).items() if k not in ("name", "description")},
-                  "recipe."),
+        **flatten(cfg.recipe.content(), "recipe."),
         names.DATA_DIGEST: bundle.digest,
         "data.source": bundle.source,
+        names.DATA_PREPROCESS: bundle.preprocess,
         "data.num_classes": bundle.num_classes,
         "data.train_size": len(splits.train),
         "data.val_size": len(splits.val),
@@ -336,6 +402,8 @@ def run_params(plan: Plan) -> dict[str, Any]:
         "amp": plan.amp,
         "channels_last": plan.channels_last,
         "compile": cfg.compile,
+        names.COMPILE_RULE: plan.compile_rule,
+        **transfer.run_params(cfg),
     }
 
 
@@ -350,7 +418,8 @@ def model_summary(model: nn.Module, info: dict[str, int], arch: str) -> str:
 def summarize(progress: Progress, info: dict[str, int]) -> dict[str, float]:
     last = progress.history[-1] if progress.history else {}
     summary: dict[str, float] = {names.PARAM_COUNT: info["params"], names.FLOPS: info["flops"],
-                                 names.TRAIN_SECONDS: progress.elapsed}
+                                 names.TRAIN_SECONDS: progress.train_seconds, names.EVAL_SECONDS: progress.eval_seconds,
+                                 names.WALL_SECONDS: progress.wall_seconds}
     for key, value in ((names.FINAL_TEST_ACC, last.get(names.TEST_ACC)), (names.FINAL_VAL_ACC, last.get(names.VAL_ACC)),
                        (names.BEST_VAL_ACC, progress.best_val_acc), (names.BEST_EPOCH, progress.best_epoch),
                        (names.TEST_ACC_AT_BEST_VAL, progress.best_test_acc)):
@@ -385,6 +454,7 @@ class Session:
     progress: Progress
     recorder: Recorder
     pending: list[int]  # signals received since graceful_signals() began
+    forecast: Forecast
 
 
 def run_epochs(s: Session, callbacks: Sequence[EpochCallback]) -> bool:
@@ -407,7 +477,9 @@ def evaluate(s: Session, row: dict[str, float]) -> None:
         row[names.VAL_LOSS], row[names.VAL_ACC] = s.trainer.evaluate(s.batches.val)
     if s.batches.test is not None:
         row[names.TEST_LOSS], row[names.TEST_ACC] = s.trainer.evaluate(s.batches.test)
-    s.progress.elapsed += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # evaluate() ends in a host sync: the device work is done
+    s.progress.elapsed += seconds
+    s.progress.eval_seconds += seconds
     if s.progress.update_best(row):
         s.recorder.save_best(s.trainer, int(row["epoch"]), row[names.VAL_ACC])
 
@@ -456,12 +528,19 @@ class EpochTraining:
                 bar.close()
                 raise Interrupted(s.pending[0] if s.pending else signal.SIGTERM)  # a rank without the signal stops too
             self.meter.step(x, y)
+            self._not_training(s.forecast.step_done(self.epoch, step, last=step == self.steps - 1))
             if not self.meter.finite:
                 raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch} step {step + 1}; "
                                     f"lower the learning rate (--lr) or check the data")
             bar.update(bs)
         bar.close()
         return self._metrics(bs)
+
+    def _not_training(self, seconds: float) -> None:
+        """``seconds`` spent evaluating inside the epoch's loop: off its training clock, on evaluation's."""
+        self.t0 += seconds
+        self.s.progress.elapsed += seconds
+        self.s.progress.eval_seconds += seconds
 
     def _stop_at(self, step: int) -> bool:
         s, env = self.s, self.s.plan.env
@@ -476,19 +555,20 @@ class EpochTraining:
     def _checkpoint(self, step: int) -> None:
         """The mid-epoch last.pt: the data order, the sums so far and the global RNG at ``step``."""
         s, meter = self.s, self.meter
-        seconds = self.partial.seconds + time.perf_counter() - self.t0
+        session = time.perf_counter() - self.t0
         s.progress.partial = dataclasses.replace(self.partial, step=step, loss_sum=meter.loss_sum.item(),
-                                                 correct=meter.correct.item(), seconds=seconds,
+                                                 correct=meter.correct.item(), seconds=self.partial.seconds + session,
                                                  torch_rng=torch.get_rng_state())
-        s.progress.elapsed += time.perf_counter() - self.t0
+        s.progress.elapsed += session
         s.recorder.save_last(s.trainer, s.batches.generator, s.progress)
 
     def _metrics(self, bs: int) -> dict[str, float]:
         s, meter = self.s, self.meter
         if s.trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = self.partial.seconds + time.perf_counter() - self.t0
-        s.progress.elapsed += time.perf_counter() - self.t0
+        session = time.perf_counter() - self.t0
+        seconds = self.partial.seconds + session
+        s.progress.elapsed += session
         if s.plan.env.world > 1:  # each rank saw its shard of every global batch
             dist.all_reduce(meter.loss_sum)
             dist.all_reduce(meter.correct)
@@ -499,3 +579,70 @@ class EpochTraining:
         n = self.steps * bs
         return {names.TRAIN_LOSS: total / n, names.TRAIN_ACC: 100.0 * meter.correct.item() / n,
                 names.EPOCH_SECONDS: seconds, names.IMAGES_PER_SECOND: n / seconds if seconds > 0 else 0.0}
+
+
+class Forecast:
+    """Times this session's first training steps and prints, once, how long the rest of the run will take on
+    this machine (training from the measured step time, evaluation from one timed evaluation batch) and, on
+    the CPU beyond an hour, the command of a run that gives a result in about ten minutes."""
+
+    WARMUP_STEPS = 1  # a session's first step is slower (allocator and oneDNN warm-up, compilation)
+    SAMPLE_STEPS, SAMPLE_SECONDS = 20, 20.0  # the estimate comes after this many timed steps or seconds
+
+    def __init__(self, plan: Plan, trainer: Trainer, batches: Batches, progress: Progress,
+                 say: Callable[..., None] | None):
+        self.plan, self.trainer, self.batches, self.say = plan, trainer, batches, say
+        done = progress.epoch * plan.steps_per_epoch + (progress.partial.step if progress.partial else 0)
+        self.steps_left = plan.total_steps - done  # at the start of this session
+        self.resumed = done > 0
+        self.steps = 0
+        self.t0 = 0.0
+        self.active = say is not None  # only the main process reports
+
+    def step_done(self, epoch: int, step: int, last: bool) -> float:
+        """After each training step of the session (``last``: the epoch's last); reports once, in the first
+        epoch. Returns the seconds it spent evaluating (for the estimate)."""
+        if not self.active:
+            return 0.0
+        self.steps += 1
+        timed = self.steps - self.WARMUP_STEPS
+        spent = 0.0
+        if timed == 0:
+            self.t0 = _synced_now(self.trainer.device)
+        elif timed >= self.SAMPLE_STEPS or last or time.perf_counter() - self.t0 >= self.SAMPLE_SECONDS:
+            spent = self.report(epoch, (_synced_now(self.trainer.device) - self.t0) / timed)
+        if last:
+            self.active = False  # a sample across the evaluation in between would measure it too
+        return spent
+
+    def report(self, epoch: int, step_seconds: float) -> float:
+        """Print the estimate; returns the seconds spent timing evaluation for it."""
+        self.active = False
+        t0 = time.perf_counter()
+        plan, cfg = self.plan, self.plan.cfg
+        loaders = [loader for loader in (self.batches.val, self.batches.test) if loader is not None]
+        length = RunLength(train_steps=self.steps_left, batch_size=cfg.recipe.batch_size,
+                           eval_batches=eval_batches_left(epoch, plan.epochs, cfg.recipe.eval_every,
+                                                          sum(len(loader) for loader in loaders)),
+                           epochs=plan.epochs - epoch + 1, resumed=self.resumed)
+        seconds = length.seconds(step_seconds, self._eval_batch_seconds(loaders))
+        self.say(f"[{cfg.arch}] {estimate_line(length, seconds, cfg.recipe.batch_size / step_seconds)}", flush=True)
+        if seconds > QUICKSTART_AFTER_SECONDS and plan.device.type == "cpu" and cfg.recipe.name != QUICKSTART:
+            self.say(f"[{cfg.arch}] {quickstart_line(cfg.data_dir, cfg.dataset)}", flush=True)
+        return time.perf_counter() - t0
+
+    def _eval_batch_seconds(self, loaders: list[DeviceLoader]) -> float:
+        """One evaluation batch, timed after an untimed one (warm-up, or the evaluation graph's compilation).
+        Evaluation changes no state (eval mode, no gradients, no RNG), so the run's numbers stay the same."""
+        if not loaders:
+            return 0.0
+        self.trainer.evaluate(loaders[0], max_batches=1)
+        t0 = time.perf_counter()
+        self.trainer.evaluate(loaders[0], max_batches=1)  # ends in a host sync (and back in train mode)
+        return time.perf_counter() - t0
+
+
+def _synced_now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -59,3 +59,16 @@ BEST_TRIAL = "best_trial"  # tag of a parent run: its best trial's number
 N_TRIALS = "n_trials"  # metric of a parent run: the trials that count
 LR = "lr"  # per-epoch: the learning rate of the epoch's last update
 COMMAND = "command"  # tag: the command line that started a run
+
+# --- campaigns (sweeps/campaign.py): tags of each cell's train run ---
+CAMPAIGN = "cnn_zoo.campaign"  # the campaign's name
+CELL = "cnn_zoo.cell"  # the cell's key: ARCH_LABEL/DATASET/seedN
+
+# --- run params: what the data loader did and why compile is on or off ---
+DATA_PREPROCESS = "data.preprocess"  # the loader's preprocessing of the stored images ("none", MNIST's padding, ...)
+COMPILE_RULE = "compile_rule"  # why param "compile" has its value: explicit, or the payback rule's numbers
+
+# --- transfer (experiments/transfer.py): params of fine-tuning runs only ---
+PRETRAINED = "pretrained"  # the weights file fine-tuned from (its name; timm:<hub id>/<file> for timm's own)
+PRETRAINED_SHA256 = "pretrained.sha256"
+SHOTS = "data.shots"  # K images per class drawn from the training split (--shots)

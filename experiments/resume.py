@@ -2,6 +2,7 @@
 (typed here, a flat dict of tensors and plain values on disk), and the checks before a run continues."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -40,6 +41,13 @@ class Progress:
     best_test_acc: float | None = None
     elapsed: float = 0.0  # training and evaluation seconds
     partial: PartialEpoch | None = None
+    eval_seconds: float = 0.0  # evaluation alone (0 in checkpoints older than the split: elapsed holds it)
+    wall_seconds: float = 0.0  # the run's sessions start to end, setup and recording included
+
+    @property
+    def train_seconds(self) -> float:
+        """Training steps alone."""
+        return self.elapsed - self.eval_seconds
 
     def take_partial(self) -> PartialEpoch | None:
         """The interrupted epoch to continue, if any; the progress no longer holds it."""
@@ -60,6 +68,7 @@ class Progress:
 
 
 _PROGRESS_KEYS = ("epoch", "history", "best_val_acc", "best_epoch", "best_test_acc", "elapsed")
+_TIMING_KEYS = ("eval_seconds", "wall_seconds")  # appended to the layout later: older checkpoints lack them
 
 
 @dataclass
@@ -79,18 +88,20 @@ class Checkpoint:
     data_digest: str | None = None  # None in checkpoints older than the data check
 
     def to_dict(self) -> dict[str, Any]:
-        """The on-disk layout (keys and order as every earlier version wrote them)."""
+        """The on-disk layout (keys and order as every earlier version wrote them, then the timing keys)."""
         p = self.progress
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "rng": self.rng,
                 "run_id": self.run_id, "arch": self.arch, "recipe_hash": self.recipe_hash, "config": self.config,
                 **{k: getattr(p, k) for k in _PROGRESS_KEYS},
                 "partial": p.partial.to_dict() if p.partial else None,
-                "tracking_uri": self.tracking_uri, "data_digest": self.data_digest}
+                "tracking_uri": self.tracking_uri, "data_digest": self.data_digest,
+                **{k: getattr(p, k) for k in _TIMING_KEYS}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Checkpoint":
         partial = PartialEpoch(**d["partial"]) if d["partial"] else None
-        progress = Progress(**{k: d[k] for k in _PROGRESS_KEYS}, partial=partial)
+        progress = Progress(**{k: d[k] for k in _PROGRESS_KEYS}, partial=partial,
+                            **{k: d[k] for k in _TIMING_KEYS if k in d})
         return cls(d["run_id"], d["arch"], d["recipe_hash"], d["config"], d["model"], d["optimizer"],
                    d["scheduler"], d["rng"], progress, d.get("tracking_uri"), d.get("data_digest"))
 
@@ -101,6 +112,14 @@ class Checkpoint:
         trainer.scheduler.load_state_dict(self.scheduler)
         ckpt_io.set_rng_state(self.rng, data_generator)
         return self.progress
+
+
+def pin_legacy_speed(cfg: RunConfig, on_cuda: bool) -> RunConfig:
+    """A resumed config whose amp / channels_last is still None comes from a checkpoint written before the
+    CPU speed defaults, when None meant "on for CUDA only": keep it on the numerics it started with (new
+    checkpoints record the resolved values; a flag given at resume has already replaced None)."""
+    return dataclasses.replace(cfg, amp=on_cuda if cfg.amp is None else cfg.amp,
+                               channels_last=on_cuda if cfg.channels_last is None else cfg.channels_last)
 
 
 def check_compatible(ckpt: Checkpoint, cfg: RunConfig, force: bool) -> list[str]:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from experiments.tracking import Tracker
 
 # Defaults of the flags that --resume must tell apart from "not given" (a resumed run keeps its own).
-DEFAULTS = {"data_dir": "./data", "device": "auto", "compile": False}
+DEFAULTS = {"data_dir": "./data", "device": "auto", "compile": None}
 IMAGE_SIDE = 32  # the datasets' images are 32x32
 MIN_FEATURE_SIDE = 4  # a timm model whose last feature map is smaller than this at 32x32 gets a warning
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="let torchvision fetch the official release files (needs internet)")
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (recipe default 5000)")
     g.add_argument("--subset", type=int, help="train on the class-balanced first N training images")
+    g.add_argument("--shots", type=int, metavar="K", help="few-shot: train on K images per class, drawn from the "
+                                                          "training split with the run's seed")
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", help=f"preset ({', '.join(list_recipes())}) or a .yaml path (default standard)")
     g.add_argument("--epochs", type=int, help="number of epochs (replaces an iteration budget such as resnet-paper's)")
@@ -63,14 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, help="DenseNet family: depth L")
     g.add_argument("--growth-rate", type=int, help="DenseNet family: growth rate k")
     g.add_argument("--compression", type=float, help="DenseNet-BC: compression θ in (0, 1]")
+    g.add_argument("--pretrained", metavar="PATH|timm", help="fine-tune from pretrained weights: an official BiT "
+                   ".npz for bit_* (ImageNet stem, head zeroed), or timm's own ('timm', from its cache) or a "
+                   "weights file for timm:<name>; use with --recipe bit-hyperrule")
     g = p.add_argument_group("seeds")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--seeds", help="comma list: one run per seed, grouped by a seed_group tag")
     g = p.add_argument_group("device")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when available")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX-512 BF16 or AMX)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on when the run is long enough to repay compiling)")
     g = p.add_argument_group("tracking and checkpoints")
     g.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     g.add_argument("--experiment", default=names.DEFAULT_EXPERIMENT)
@@ -148,8 +155,13 @@ def build_configs(args: argparse.Namespace) -> list[PlannedRun]:
     dataset = "svhn-extra" if args.svhn_extra else args.dataset
     common = dict(dataset=dataset, download=args.download, amp=args.amp, channels_last=args.channels_last,
                   output_dir=args.output_dir, **explicit_device_flags(args, DEFAULTS))
-    configs = [RunConfig(arch=arch, recipe=recipe, model=hp, seed=s, **common)
+    from experiments import transfer
+
+    configs = [RunConfig(arch=arch, recipe=recipe, model=transfer.model_args(arch, hp, args.pretrained), seed=s,
+                         pretrained=args.pretrained, shots=args.shots, **common)
                for arch, hp in resolve_archs(args) for s in seeds]
+    for cfg in configs[:: len(seeds)] if args.pretrained else ():
+        transfer.weights_path(cfg)  # a missing file or cache answers now, before the first run trains
     return [plan_run(cfg) for cfg in configs]
 
 
@@ -209,7 +221,9 @@ def resume_config(args: argparse.Namespace, ckpt: dict) -> RunConfig:
 
     saved = saved_config(ckpt)
     changes = {"output_dir": args.output_dir, **explicit_device_flags(args, saved.__dict__)}
-    changes |= {k: getattr(args, k) for k in ("amp", "channels_last") if getattr(args, k) is not None}
+    changes |= {k: getattr(args, k) for k in ("amp", "channels_last", "pretrained") if getattr(args, k) is not None}
+    if args.shots not in (None, saved.shots):
+        raise UserError(f"run {ckpt['run_id']} trains on --shots {saved.shots}; --resume cannot change it")
     if args.arch is not None or recipe_given(args) or args.model_arg:
         entries = resolve_archs(args) if args.arch is not None else [(saved.arch, model_args(args))]
         if len(entries) != 1:

@@ -1,4 +1,5 @@
-"""Where training runs: the device, the torchrun process group, signals, the CPU heap policy and seeds."""
+"""Where training runs: the device and its speed defaults, the torchrun process group, signals, the CPU heap
+policy and seeds."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +31,83 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed defaults: bf16 autocast, channels_last, torch.compile
+# ----------------------------------------------------------------------------------------------
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic in hardware
+
+
+@functools.cache
+def native_cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU does bf16 arithmetic in hardware (AVX-512 BF16 or AMX; Linux x86). Elsewhere bf16
+    autocast would be emulated, slower than fp32, so the CPU default stays fp32 there."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+@dataclass(frozen=True)
+class CompileCost:
+    """Measured cost and gain of torch.compile on one device type, and where the numbers come from."""
+
+    speedup: float  # compiled over eager img/s, same model and settings
+    compile_seconds: float  # the first compiled step's extra time, cold inductor cache
+    eager_flops_per_second: float  # training FLOPs (3 x forward) per second, eager, under the device defaults
+    source: str
+
+
+# One row per device type; a device type without a row never compiles by default (nothing measured there).
+# cpu, speed-up and compile seconds: docs/BENCHMARKS.md run A (2-core AMD EPYC, batch 64, fp32 NCHW, eager
+# "harness" vs "compile" mode): ResNet-20 780.7/615.1 = 1.27x after 39.2 s, DenseNet-BC-100 57.3/48.4 = 1.18x
+# after 112.6 s. (Its 1.51x and 1.12x are against the naive-loader baseline, not eager.) The row takes the
+# smaller gain and the longer compile, so it errs towards not compiling. Eager rate: the faster of ResNet-20
+# (1,038 img/s x 243.3 MFLOPs) and DenseNet-BC-100 (bf16 + channels_last, batch 128, same CPU, h9's
+# measurement): a faster rate means a shorter estimated run, again erring towards not compiling.
+COMPILE_COSTS = {
+    "cpu": CompileCost(speedup=1.18, compile_seconds=112.6, eager_flops_per_second=252.5e9,
+                       source="docs/BENCHMARKS.md run A; eager rate measured with bf16 + channels_last"),
+}
+# Compiling pays when the time it saves is at least this many times the compile time: the margin covers the
+# evaluation graph's own compilation and the error of a FLOP-based estimate of the run's length.
+COMPILE_PAYBACK = 2.0
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """What a run trains with, resolved from the flags and the device; ``compile_rule`` says why compile is what it is."""
+
+    amp: bool
+    channels_last: bool
+    compile: bool
+    compile_rule: str
+
+
+def speed_settings(device: torch.device, amp: bool | None, channels_last: bool | None, compile: bool | None,
+                   train_flops: float) -> SpeedSettings:
+    """The device defaults for the flags left None: bf16 autocast on CUDA and on CPUs with native bf16,
+    channels_last everywhere (it changes the memory layout, not the arithmetic), and torch.compile when the
+    run is long enough to repay compiling. ``train_flops``: the training FLOPs the run has left on this process."""
+    if amp is None:
+        amp = device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
+    if channels_last is None:
+        channels_last = True
+    if compile is not None:
+        return SpeedSettings(amp, channels_last, compile, "explicit (--compile/--no-compile)")
+    cost = COMPILE_COSTS.get(device.type)
+    if cost is None:
+        return SpeedSettings(amp, channels_last, False, f"off: no measured compile speed-up for {device.type}")
+    eager = train_flops / cost.eager_flops_per_second
+    saved = eager * (1.0 - 1.0 / cost.speedup)
+    on = saved >= COMPILE_PAYBACK * cost.compile_seconds
+    rule = (f"{'on' if on else 'off'}: saves ~{saved:.0f} s of ~{eager:.0f} s eager at {cost.speedup}x, "
+            f"{'>=' if on else '<'} {COMPILE_PAYBACK:g} x {cost.compile_seconds:.0f} s compile ({device.type}, {cost.source})")
+    return SpeedSettings(amp, channels_last, on, rule)
 
 
 def seed_everything(seed: int) -> None:
@@ -90,9 +169,9 @@ def rank_seed(seed: int, rank: int, epoch: int, step: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def graceful_signals() -> Iterator[list[int]]:
+def graceful_signals(announce: bool = True) -> Iterator[list[int]]:
     """SIGTERM, SIGHUP (the terminal or SSH session closed) and the first Ctrl-C only set a flag, checked
-    between steps; a second Ctrl-C aborts."""
+    between steps; a second Ctrl-C aborts. With ``announce`` the first signal says so on stderr at once."""
     pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield pending
@@ -101,6 +180,9 @@ def graceful_signals() -> Iterator[list[int]]:
     def handler(signum: int, _frame: Any) -> None:
         if signum == signal.SIGINT and pending:
             raise KeyboardInterrupt
+        if announce and not pending:
+            # os.write, not print: the handler may interrupt a print to stderr (print is not reentrant).
+            os.write(2, stop_notice(signum).encode())
         pending.append(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
@@ -109,6 +191,12 @@ def graceful_signals() -> Iterator[list[int]]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def stop_notice(signum: int) -> str:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    return (f"\n{name} received: the run stops after the current step and writes a checkpoint "
+            f"(--resume continues it); press Ctrl-C again to abort at once\n")
 
 
 # ----------------------------------------------------------------------------------------------

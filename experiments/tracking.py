@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from experiments.errors import UserError
-from experiments.names import PARENT_RUN_ID
+from experiments.names import DEFAULT_TRACKING_URI, PARENT_RUN_ID
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "cnn-zoo"
 MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+SEARCH_PAGE = 1000  # runs per MLflow search request
 
 
 def default_tracking_uri() -> str:
@@ -140,8 +139,13 @@ def git_info() -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain"))) if commit else "unknown"}
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo ("cpu" where there is none)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (_cpu_name() or "cpu")
+
+
 def environment_tags(device: torch.device) -> dict[str, str]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (_cpu_name() or "cpu")
+    name = device_name(device)
     return {
         **git_info(),
         "torch_version": torch.__version__,
@@ -306,6 +310,21 @@ class TrackingStore:
         except MlflowException:
             return None
         return RunState(info.status, info.lifecycle_stage == "deleted")
+
+    def search_runs(self, filter_string: str, order_by: list[str] | None = None) -> list[Any]:
+        """Every run of the experiment that ``filter_string`` (MLflow's search syntax) selects, all pages."""
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self._client.search_runs([self.experiment_id], filter_string, max_results=SEARCH_PAGE,
+                                            order_by=order_by, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def metric_history(self, run_id: str, key: str) -> list[Any]:
+        return self._client.get_metric_history(run_id, key)
 
     def create_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
                    metrics: dict[str, float] | None = None, parent_run_id: str | None = None) -> str:

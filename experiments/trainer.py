@@ -104,16 +104,20 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        return loss.detach() * y.shape[0], (logits.argmax(1) == y).sum()
+        label = y if y.ndim == 1 else y.argmax(1)  # MixUp's soft targets count as their larger share
+        return loss.detach() * y.shape[0], (logits.argmax(1) == label).sum()
 
-    @torch.no_grad()
-    def evaluate(self, loader: DeviceLoader) -> tuple[float, float]:
-        """(mean loss, accuracy %) over every sample of an eval-mode loader."""
+    @torch.inference_mode()  # no autograd bookkeeping at all (lighter than no_grad)
+    def evaluate(self, loader: DeviceLoader, max_batches: int | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy %) over every sample of an eval-mode loader (its first ``max_batches`` batches
+        if given), in the training's precision and memory layout; the only host syncs are at the end."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         n = 0
-        for x, y, valid in loader:
+        for b, (x, y, valid) in enumerate(loader):
+            if b == max_batches:
+                break
             with self.autocast():
                 logits = self.eval_forward(x)
             logits, y = logits[:valid].float(), y[:valid]
@@ -168,9 +172,11 @@ def make_splits(bundle: DatasetBundle, recipe: Recipe, seed: int) -> Splits:
 
 def train_loader(ds: ArrayDataset, recipe: Recipe, batch_size: int, generator: torch.Generator, *,
                  device: torch.device, mean: Sequence[float], std: Sequence[float], channels_last: bool,
-                 shard: tuple[int, int] = (0, 1)) -> DeviceLoader:
-    """The training batches of fit(): the recipe's crop and flip, on the device, in ``generator``'s order."""
+                 shard: tuple[int, int] = (0, 1), num_classes: int | None = None) -> DeviceLoader:
+    """The training batches of fit(): the recipe's crop (or resize and crop), flip and MixUp (over
+    ``num_classes``), on the device, in ``generator``'s order."""
     padding = recipe.augment.crop_padding if recipe.augment.random_crop else 0
     return DeviceLoader(ds, batch_size, train=True, crop_padding=padding, hflip=recipe.augment.hflip,
                         generator=generator, shard=shard, device=device, mean=mean, std=std,
-                        channels_last=channels_last)
+                        channels_last=channels_last, resize=recipe.resize.sides(), mixup_alpha=recipe.mixup_alpha,
+                        num_classes=num_classes, epoch_size=recipe.epoch_steps and recipe.epoch_steps * batch_size)

@@ -26,7 +26,7 @@ from experiments.config import RunConfig, apply_overrides, check_seed, flag_over
 from experiments.data import NUM_CLASSES, load_dataset
 from experiments.errors import Interrupted, UserError
 from experiments.names import DEFAULT_EXPERIMENT
-from experiments.tracking import default_tracking_uri
+from experiments.tracking import default_tracking_uri, mlflow_logging
 from sweeps.records import open_study, prepare_study
 from sweeps.results import finish_study
 from sweeps.settings import SweepSettings
@@ -167,6 +167,7 @@ def run_sweep(s: SweepSettings) -> int:
 
 def _run_sweep_saying_how_to_resume(args: argparse.Namespace) -> int:
     try:
+        mlflow_logging(verbose=False)
         return run_sweep(settings_from_args(args))
     except (Interrupted, KeyboardInterrupt) as e:
         print("interrupted: rerun the same command to resume the study", file=sys.stderr)

@@ -25,7 +25,7 @@ PARAMS_ATTR = names.PARAM_COUNT  # parameter count of its model
 REJECTED_ATTR = names.REJECTED  # why it was not trained (over --max-params); also its run's tag
 
 
-class _TrialTracker(MlflowTracker):
+class TrialTracker(MlflowTracker):
     """Puts the run id on the Optuna trial as soon as fit() starts the run, so that the run of a
     worker that dies mid-trial can be found and closed."""
 
@@ -44,7 +44,7 @@ class TrialRunner:
         self.s = s
         self.data = data
         self.parent_run_id = parent_run_id
-        self.tracker = _TrialTracker(s.tracking_uri, s.experiment) if s.tracking_uri else None
+        self.tracker = TrialTracker(s.tracking_uri, s.experiment) if s.tracking_uri else None
         self.store = s.tracking_store()
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:

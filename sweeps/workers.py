@@ -6,7 +6,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from experiments.cli import exit_code
 from experiments.data import DatasetBundle, load_dataset
 from experiments.errors import Interrupted, NonFiniteLoss
+from experiments.tracking import mlflow_logging
 from sweeps.records import open_study, parent_run_id
 from sweeps.settings import SweepSettings, make_pruner, make_sampler
 from sweeps.study import SweepStorage, register_worker, run_trials
@@ -41,13 +42,15 @@ def worker_process(s: SweepSettings) -> None:
     run_worker_trials(s, storage, study, data)
 
 
-def run_worker_processes(count: int, target: Callable[..., None], *args: Any) -> list[int]:
-    """Run ``target(*args)`` in ``count`` processes, each with its share of the cores, and wait for them;
-    returns their exit codes (2: bad input, already printed; 128 + N: interrupted by signal N)."""
+def run_worker_processes(count: int, target: Callable[..., None], *args: Any,
+                         envs: Sequence[dict[str, str]] | None = None) -> list[int]:
+    """Run ``target(*args)`` in ``count`` processes, each with its share of the cores (and ``envs[i]`` added to
+    worker i's environment, e.g. its own CUDA_VISIBLE_DEVICES), and wait for them; returns their exit codes
+    (2: bad input, already printed; 128 + N: interrupted by signal N)."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited CUDA state or locks
     threads = max(1, (os.cpu_count() or 1) // count)  # no oversubscription of the cores
-    procs = [ctx.Process(target=_process_main, args=(target, threads, *args), name=f"sweep-worker-{i}")
-             for i in range(count)]
+    procs = [ctx.Process(target=_process_main, args=(target, threads, envs[i] if envs else {}, *args),
+                         name=f"sweep-worker-{i}") for i in range(count)]
     for p in procs:
         p.start()
     try:
@@ -60,8 +63,10 @@ def run_worker_processes(count: int, target: Callable[..., None], *args: Any) ->
     return [p.exitcode for p in procs]
 
 
-def _process_main(target: Callable[..., None], threads: int, *args: Any) -> None:
+def _process_main(target: Callable[..., None], threads: int, env: dict[str, str], *args: Any) -> None:
+    os.environ.update(env)  # before anything initialises CUDA, which reads CUDA_VISIBLE_DEVICES once
     torch.set_num_threads(threads)
+    mlflow_logging(verbose=False)  # a spawned interpreter starts with MLflow's INFO chatter on
     sys.exit(exit_code(partial(_call_quietly_interrupted, target, *args)))
 
 

@@ -16,6 +16,18 @@ def tiny_image_folder_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pack_archive(tree, tmp_path_factory.mktemp("tiny_data") / "cifar10-tiny.tar.gz")
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request: pytest.FixtureRequest) -> str:
+    """The device a device-dependent test runs on: "cpu" always, "cuda" too where torch sees a GPU. The cuda
+    case skips elsewhere (expected on CI and CPU machines; `-m "not cuda"` leaves it out)."""
+    if request.param == "cuda":
+        import torch  # here, not at the top: the torch-free test packages load this conftest too
+
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device visible to torch (expected without a GPU)")
+    return request.param
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """With CNN_ZOO_REQUIRE_SERVICES=1, a test marked postgres or browser may not skip (a skipif marker, a

@@ -4,7 +4,8 @@ Kolesnikov et al. 2020, `Big Transfer (BiT): General Visual Representation Learn
 https://arxiv.org/abs/1912.11370. The network is timm's ``ResNetV2`` built the way timm builds its
 ``resnetv2_*_bit`` models (``StdConv2d``, ``GroupNormAct``); this module only adds a CIFAR stem,
 GroupNorm group counts that also fit narrow widths, a loader for the official ``.npz`` checkpoints that
-tolerates the CIFAR stem and a different head, and the weight-standardisation eps as a hyperparameter.
+tolerates the CIFAR stem and a different head (and zero-initialises the head for fine-tuning, as BiT does), a
+writer of that format, and the weight-standardisation eps as a hyperparameter.
 
 Weight standardisation divides each filter by sqrt(var + eps). The official code (google-research/
 big_transfer, ``bit_pytorch/models.py`` ``StdConv2d``) uses eps = 1e-10; timm's BiT models use 1e-8 (its
@@ -28,7 +29,7 @@ from timm.models.resnetv2 import ResNetV2
 from zoo._registry import register_model
 from zoo.layers import check_positive_int, check_unit_interval
 
-__all__ = ["bit_resnetv2", "bit_num_groups", "load_bit_weights"]
+__all__ = ["bit_resnetv2", "bit_num_groups", "load_bit_weights", "save_bit_weights"]
 
 STEMS = ("cifar", "imagenet")
 BIT_GROUPS = 32
@@ -219,12 +220,14 @@ def _may_skip(name: str, checkpoint_shape: torch.Size, model_shape: torch.Size) 
 
 
 @torch.no_grad()
-def load_bit_weights(model: ResNetV2, path: str | PathLike) -> dict[str, list]:
+def load_bit_weights(model: ResNetV2, path: str | PathLike, zero_head: bool = False) -> dict[str, list]:
     """Copy an official BiT ``.npz`` checkpoint (e.g. ``BiT-M-R50x1.npz``) into a ``bit_*`` model.
 
     Kernels are stored HWIO and transposed to OIHW. Two mismatches are skipped, the model keeping
     its own initialisation: the head when only its class count differs, and the stem conv when only
-    its kernel size differs (3x3 CIFAR vs 7x7 ImageNet stem). Returns ``{"loaded": [param names],
+    its kernel size differs (3x3 CIFAR vs 7x7 ImageNet stem). ``zero_head``: the head is never loaded
+    but set to zero, as the official fine-tuning does (``bit_pytorch/models.py``, ``zero_head=True``).
+    Returns ``{"loaded": [param names],
     "skipped": [(param name, reason)]}``. Raises ``FileNotFoundError`` for a missing file and
     ``ValueError`` for a file that is not an ``.npz`` archive, lacks a key the model needs, or has
     any other shape mismatch (another width); the model is left untouched when it raises.
@@ -276,8 +279,29 @@ def load_bit_weights(model: ResNetV2, path: str | PathLike) -> dict[str, list]:
         ],
     }
     skipped = {m[0] for m in mismatched}
+    if zero_head:
+        heads = [k for k, (name, _) in key_map.items() if name.startswith("head.") and k not in skipped]
+        report["skipped"] += [(key_map[k][0], "zero_head: the head starts at zero for fine-tuning") for k in heads]
+        skipped |= set(heads)
+        for name, param in model.named_parameters():
+            if name.startswith("head."):
+                param.zero_()
     for key, (name, param) in key_map.items():
         if key not in skipped:
             param.copy_(values[key])
             report["loaded"].append(name)
     return report
+
+
+@torch.no_grad()
+def save_bit_weights(model: ResNetV2, path: str | PathLike) -> Path:
+    """Write a ``bit_*`` model in the official ``.npz`` layout (kernels HWIO), which ``load_bit_weights`` and
+    the official code read; returns the path (``np.savez`` adds ``.npz`` when it is missing)."""
+    path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    arrays = {}
+    for key, (_, param) in _bit_key_map(model).items():
+        value = param.detach().cpu().numpy()
+        arrays[key] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
+    np.savez(path, **arrays)
+    return path

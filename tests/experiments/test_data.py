@@ -665,13 +665,13 @@ def test_class_balanced_subset() -> None:
 # ------------------------------------------------------------------------------------------- augmentation
 
 
-def test_augment_batch_matches_torchvision_for_every_offset_and_flip() -> None:
+def test_augment_batch_matches_torchvision_for_every_offset_and_flip(device: str) -> None:
     pad = 4
     images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     params = [(i, oy, ox, f) for i in range(3) for oy in range(2 * pad + 1) for ox in range(2 * pad + 1)
               for f in (False, True)]
-    idx, oy, ox, flips = (torch.tensor(col) for col in zip(*params))
-    out = augment_batch(images[idx], oy, ox, flips, pad)
+    idx, oy, ox, flips = (torch.tensor(col, device=device) for col in zip(*params))
+    out = augment_batch(images.to(device)[idx], oy, ox, flips, pad).cpu()
     assert out.dtype == torch.uint8 and out.shape == (len(params), 32, 32, 3)
     for k, (i, top, left, flip) in enumerate(params):
         ref = TF.crop(TF.pad(images[i].permute(2, 0, 1), [pad]), top, left, 32, 32)
@@ -767,10 +767,10 @@ def test_train_without_drop_last_and_without_augmentation() -> None:
         DeviceLoader(ds, 32, torch.device("cpu"), MEAN, STD, train=True)
 
 
-def test_eval_yields_every_sample_once_padded_with_valid_count() -> None:
+def test_eval_yields_every_sample_once_padded_with_valid_count(device: str) -> None:
     ds = ids_dataset(23)
-    loader = DeviceLoader(ds, 10, torch.device("cpu"), MEAN, STD, train=False)
-    batches = list(loader)
+    loader = DeviceLoader(ds, 10, torch.device(device), MEAN, STD, train=False)
+    batches = [(x.cpu(), y.cpu(), v) for x, y, v in loader]
     assert len(loader) == 3 and [v for _, _, v in batches] == [10, 10, 3]
     assert all(x.shape == (10, 3, 32, 32) for x, _, _ in batches)
     assert torch.cat([y[:v] for _, y, v in batches]).tolist() == list(range(23))
@@ -779,7 +779,7 @@ def test_eval_yields_every_sample_once_padded_with_valid_count() -> None:
     expected = (torch.from_numpy(ds.images[10:20]).permute(0, 3, 1, 2).float() / 255 -
                 torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
-    assert torch.equal(list(loader)[0][0], batches[0][0])  # fixed order, no augmentation
+    assert torch.equal(list(loader)[0][0].cpu(), batches[0][0])  # fixed order, no augmentation
     tiny = list(DeviceLoader(ids_dataset(3), 8, torch.device("cpu"), MEAN, STD, train=False))
     assert len(tiny) == 1 and tiny[0][2] == 3 and tiny[0][1].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="drop_last"):
