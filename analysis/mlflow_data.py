@@ -30,10 +30,10 @@ from experiments import names
 from experiments.names import DEFAULT_TRACKING_URI, MODEL_PARAM_PREFIX, RECIPE_PARAM_PREFIX
 
 TEXT_PARAMS = (names.ARCH, names.FAMILY, names.DATASET, names.RECIPE, names.RECIPE_HASH, names.DEVICE,
-               names.DATA_DIGEST)
+               names.DATA_DIGEST, names.PRETRAINED, names.PRETRAINED_SHA256)  # pretrained: fine-tuning runs only
 INT_PARAMS = {names.SEED: "seed", names.EPOCHS: "epochs", names.BATCH_SIZE: "batch_size",
               names.TRAIN_SIZE: "train_size", names.VAL_SIZE: "val_size", names.TEST_SIZE: "test_size",
-              names.NUM_CLASSES: "num_classes"}
+              names.NUM_CLASSES: "num_classes", names.SHOTS: "shots"}
 TAGS = {names.KIND: "kind", names.PARENT_RUN_ID: "parent_run_id", names.SEED_GROUP: "seed_group",
         names.STUDY_NAME: "study", names.TRIAL_NUMBER: "trial_number", names.TRIAL_STATE: "trial_state",
         names.DIVERGED: "diverged", names.GIT_COMMIT: "git_commit", names.DEVICE_NAME: "device_name"}

@@ -528,7 +528,7 @@ class EpochTraining:
                 bar.close()
                 raise Interrupted(s.pending[0] if s.pending else signal.SIGTERM)  # a rank without the signal stops too
             self.meter.step(x, y)
-            self._not_training(s.forecast.step_done(self.epoch, step, last=step == self.steps - 1))
+            self._not_training(s.forecast.step_done(self.epoch, last=step == self.steps - 1))
             if not self.meter.finite:
                 raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch} step {step + 1}; "
                                     f"lower the learning rate (--lr) or check the data")
@@ -599,7 +599,7 @@ class Forecast:
         self.t0 = 0.0
         self.active = say is not None  # only the main process reports
 
-    def step_done(self, epoch: int, step: int, last: bool) -> float:
+    def step_done(self, epoch: int, last: bool) -> float:
         """After each training step of the session (``last``: the epoch's last); reports once, in the first
         epoch. Returns the seconds it spent evaluating (for the estimate)."""
         if not self.active:

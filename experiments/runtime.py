@@ -66,9 +66,10 @@ class CompileCost:
 # cpu, speed-up and compile seconds: docs/BENCHMARKS.md run A (2-core AMD EPYC, batch 64, fp32 NCHW, eager
 # "harness" vs "compile" mode): ResNet-20 780.7/615.1 = 1.27x after 39.2 s, DenseNet-BC-100 57.3/48.4 = 1.18x
 # after 112.6 s. (Its 1.51x and 1.12x are against the naive-loader baseline, not eager.) The row takes the
-# smaller gain and the longer compile, so it errs towards not compiling. Eager rate: the faster of ResNet-20
-# (1,038 img/s x 243.3 MFLOPs) and DenseNet-BC-100 (bf16 + channels_last, batch 128, same CPU, h9's
-# measurement): a faster rate means a shorter estimated run, again erring towards not compiling.
+# smaller gain and the longer compile, so it errs towards not compiling. Eager rate: ResNet-20 under the new
+# defaults (bf16 + channels_last, batch 128, same CPU, measured with Trainer + train_loader: 1,038 img/s x
+# 243.3 training MFLOPs/image); DenseNet-BC-100 runs at a lower rate (48.4 x 1,727.6 MFLOPs = 84 GFLOP/s in
+# fp32), so the faster rate means a shorter estimated run, again erring towards not compiling.
 COMPILE_COSTS = {
     "cpu": CompileCost(speedup=1.18, compile_seconds=112.6, eager_flops_per_second=252.5e9,
                        source="docs/BENCHMARKS.md run A; eager rate measured with bf16 + channels_last"),

@@ -53,6 +53,7 @@ def _runs(path: Path, experiment: str = "cnn-zoo"):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.slow  # trains a model
 def test_run_records_everything_in_mlflow(workdir, capsys):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--run-name", "tiny"]) == 0
@@ -108,6 +109,7 @@ def test_run_records_everything_in_mlflow(workdir, capsys):
     assert {i.dataset.name for i in inputs} == {"cifar10-train", "cifar10-validation", "cifar10-test"}
 
 
+@pytest.mark.slow  # trains a model
 def test_seeds_are_grouped_and_arch_lists_train_each(workdir):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--seeds", "0,1", "--epochs", "1"]) == 0
@@ -120,6 +122,7 @@ def test_seeds_are_grouped_and_arch_lists_train_each(workdir):
     assert runs[0].data.metrics["train_seconds"] > 0
 
 
+@pytest.mark.slow  # trains a model
 def test_sqlite_store_keeps_artifacts_beside_the_database(workdir):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "1", "--tracking-uri", "sqlite:///store/mlflow.db"]) == 0
@@ -233,6 +236,7 @@ def test_sigterm_writes_checkpoint_marks_killed_and_resumes_exactly(workdir, dev
     assert m["eval_seconds"] > 0 and m["train_seconds"] + m["eval_seconds"] < m["wall_seconds"]
 
 
+@pytest.mark.slow  # trains a model
 def test_non_finite_loss_fails_the_run(workdir, capsys, device):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--lr", "1e30", "--epochs", "1", "--device", device]) == 1
@@ -241,6 +245,7 @@ def test_non_finite_loss_fails_the_run(workdir, capsys, device):
     assert runs[0].info.status == "FAILED" and "non-finite" in runs[0].data.tags["failure"]
 
 
+@pytest.mark.slow  # trains a model
 def test_resume_with_other_arch_or_recipe_is_refused(workdir, capsys):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "1", "--no-tracking"]) == 0
@@ -303,6 +308,7 @@ def test_scientific_notation_in_overrides(capsys):
     assert "weight_decay: 0.0001" in out and "compression: 0.5" in out
 
 
+@pytest.mark.slow  # trains a model
 def test_resume_of_finished_run_is_refused_and_changes_nothing(workdir, capsys):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "1"]) == 0
@@ -317,6 +323,7 @@ def test_resume_of_finished_run_is_refused_and_changes_nothing(workdir, capsys):
     assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_signal_after_the_last_epoch_ends_killed_and_resume_completes_the_record(workdir, capsys, signum):
     """A SIGTERM, or the SIGHUP of a closed terminal, while the results are being recorded still ends the
@@ -377,6 +384,7 @@ def test_checkpoint_written_before_weights_only_format_is_converted_once_and_res
     assert capsys.readouterr().err == ""  # converted once: nothing more to say
 
 
+@pytest.mark.slow  # trains a model
 def test_resume_takes_device_and_data_flags_and_refuses_other_data(workdir, tmp_path_factory, capsys):
     tmp, data_dir = workdir
     assert main([*TINY, "--data-dir", str(data_dir), "--epochs", "2", "--no-tracking"]) == 0
@@ -397,6 +405,7 @@ def test_resume_takes_device_and_data_flags_and_refuses_other_data(workdir, tmp_
     assert ckpt_io.load(run_dir / "last.pt")["config"]["data_dir"] == str(moved)
 
 
+@pytest.mark.slow  # trains a model
 def test_progress_bar_shows_rate_and_eta_on_request(workdir, capsys):
     tmp, data_dir = workdir
     cfg = RunConfig(arch="resnet20", recipe=apply_overrides(load_recipe("smoke"), {"epochs": 1}), data_dir=str(data_dir))
@@ -413,6 +422,7 @@ def test_runconfig_roundtrip():
     assert saved_config({"config": cfg.to_dict()}) == cfg
 
 
+@pytest.mark.slow  # trains a model
 def test_retain_freed_memory_stops_refaulting_big_allocations_and_release_gives_it_back():
     """After retain_freed_memory(), a freed 128 MB buffer is reused rather than unmapped and faulted in
     again: once the heap has grown to fit (one or two rounds: small allocations in between can leave the

@@ -136,6 +136,7 @@ BAD_INPUT = {  # id: (argv after TINY-like defaults, fragment of the one line)
 }
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, bad_data, capsys, case):
     argv, fragment = BAD_INPUT[case]
@@ -150,6 +151,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, bad_data, capsys, 
     assert snapshot(ws.root) == before  # no new run, no new checkpoint, nothing touched
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_or_truncated_checkpoint_on_resume(ws, capsys, tmp_path, damage):
     """The recorded run's last.pt, damaged in a copy of its output dir, then resumed from there."""
@@ -164,6 +166,7 @@ def test_corrupt_or_truncated_checkpoint_on_resume(ws, capsys, tmp_path, damage)
     assert snapshot(ws.root) == before  # the damaged file is left for the user to inspect; the run is untouched
 
 
+@pytest.mark.slow  # trains a model
 def test_checkpoints_the_harness_writes_load_weights_only(ws):
     for name in (ckpt_io.LAST, ckpt_io.BEST):
         path = ws.last.with_name(name)
@@ -171,6 +174,7 @@ def test_checkpoints_the_harness_writes_load_weights_only(ws):
         assert torch.load(path, weights_only=True)["arch"] == "resnet20"
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
 @pytest.mark.parametrize("how", ["open", "os.system"])
 def test_checkpoint_that_would_run_code_is_refused_unread(ws, capsys, fmt, how):
@@ -194,6 +198,7 @@ def test_checkpoint_that_would_run_code_is_refused_unread(ws, capsys, fmt, how):
     assert snapshot(ws.root) == before  # the crafted file is left for the user to inspect
 
 
+@pytest.mark.slow  # trains a model
 def test_old_format_checkpoint_with_numpy_data_elsewhere_is_refused(ws, capsys):
     """The old format holds exactly one ndarray (numpy's RNG state); arrays anywhere else mean another writer."""
     old = old_format(ckpt_io.load(ws.last))
@@ -221,6 +226,7 @@ def test_bit_npz_with_pickled_objects_is_refused_unread(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # trains a model
 def test_non_finite_loss_fails_only_the_new_run(ws, capsys):
     before = snapshot(ws.root)
     assert main([*TINY, "--data-dir", str(ws.data_dir), "--epochs", "1", "--lr", "1e30", "--run-name", "diverges"]) == 1
@@ -234,6 +240,7 @@ def test_non_finite_loss_fails_only_the_new_run(ws, capsys):
     assert client.get_run(ws.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # trains a model
 def test_unreachable_tracking_server_fails_fast_before_training(ws, capsys, tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ import zoo
 from experiments import checkpoint as ckpt_io
 from experiments import names, transfer
 from experiments.config import RunConfig, apply_overrides, load_recipe
-from experiments.data import ArrayDataset, DatasetBundle
+from experiments.data import ArrayDataset, DatasetBundle, mixup_batch, resize_batch, sample_mixup
 from experiments.errors import DataError, Interrupted, UserError
 from experiments.fit import FitOptions, build_model, fit, make_batches, make_plan
 from experiments.resume import saved_config
@@ -81,8 +81,8 @@ def weights(tmp_path_factory) -> Path:
     recipe = apply_overrides(load_recipe("smoke"), {"epochs": 10, "batch_size": 30, "val_size": 0, "optimizer.name": "adamw",
                                                     "optimizer.lr": 2e-3, "optimizer.weight_decay": 0.0,
                                                     "augment.random_crop": False, "augment.hflip": False})
-    cfg = RunConfig(arch="bit_r50x1", recipe=recipe, model=NARROW, output_dir=str(out))
-    result = fit(cfg, options=replace(QUIET, evaluate_test=True), data=UPSTREAM)
+    cfg = RunConfig(arch="bit_r50x1", recipe=recipe, model=NARROW, output_dir=str(out), amp=False)
+    result = fit(cfg, options=QUIET, data=UPSTREAM)
     assert result.summary[names.FINAL_TEST_ACC] > 90, "the upstream task should be learnt"
     model = zoo.create_model("bit_r50x1", num_classes=CLASSES, **NARROW)
     model.load_state_dict(ckpt_io.load(result.checkpoint_dir / ckpt_io.LAST)["model"])
@@ -111,19 +111,27 @@ def test_pretrained_loads_the_saved_features_exactly_with_a_zero_head(weights, t
 
 @pytest.mark.slow
 def test_finetuning_beats_scratch_on_a_related_task_and_records_the_weights(weights, tmp_path):
-    # No crop or flip here: the upstream task saw its patterns in one place and one orientation.
-    recipe = _finetune_recipe(**{"resize.precrop": 32, "augment.hflip": False})
+    """1-shot: fine-tuned, every seed is above 90%; from scratch, memorising 10 images succeeds or not by chance
+    (it depends even on the thread count), so the comparison is of means over four seeds."""
+    # No crop or flip (the upstream task saw its patterns in one place and orientation), BiT's lr 0.003, and fp32
+    # on every CPU (bf16 autocast follows the CPU's features).
+    recipe = _finetune_recipe(**{"resize.precrop": 32, "augment.hflip": False, "max_steps": 60, "epoch_steps": 20,
+                                 "schedule.milestones": [0.9]})
     tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "transfer", system_metrics=False)
-    tuned = fit(_cfg(tmp_path, recipe, pretrained=str(weights), shots=5), tracker, options=QUIET, data=DOWNSTREAM)
-    scratch = fit(_cfg(tmp_path, recipe, shots=5), options=QUIET, data=DOWNSTREAM)
-    tuned_acc, scratch_acc = tuned.summary[names.FINAL_TEST_ACC], scratch.summary[names.FINAL_TEST_ACC]
-    assert tuned_acc >= 80 and tuned_acc >= scratch_acc + 25, (tuned_acc, scratch_acc)
+    cfg = replace(_cfg(tmp_path, recipe, shots=1), amp=False)
+    runs, scratch = [], []
+    for seed in range(4):
+        runs.append(fit(replace(cfg, pretrained=str(weights), seed=seed), tracker if seed == 0 else None,
+                        options=QUIET, data=DOWNSTREAM))
+        scratch.append(fit(replace(cfg, seed=seed), options=QUIET, data=DOWNSTREAM).summary[names.FINAL_TEST_ACC])
+    tuned = [run.summary[names.FINAL_TEST_ACC] for run in runs]
+    assert min(tuned) >= 90 and np.mean(tuned) >= np.mean(scratch) + 10, (tuned, scratch)
 
-    params = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tuned.run_id).data.params
+    params = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(runs[0].run_id).data.params
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert params[names.PRETRAINED] == weights.name and params[names.PRETRAINED_SHA256] == digest
-    assert params[names.SHOTS] == "5" and params[names.TRAIN_SIZE] == str(5 * CLASSES)
-    assert params["recipe.resize.crop"] == "32" and params["recipe.epoch_steps"] == "10"
+    assert params[names.SHOTS] == "1" and params[names.TRAIN_SIZE] == str(CLASSES)
+    assert params["recipe.resize.crop"] == "32" and params["recipe.epoch_steps"] == "20"
     mlflow.set_tracking_uri(None)
 
 
@@ -183,6 +191,18 @@ def test_shots_repeat_a_training_set_smaller_than_the_batch():
     assert (len(plan.splits.train), plan.steps_per_epoch, plan.total_steps) == (CLASSES, 5, 5)
     batches = list(make_batches(plan, evaluate_test=False).train)
     assert len(batches) == 5 and all(x.shape == (32, 3, 32, 32) for x, _ in batches)
+
+
+def test_mixup_and_resize_transforms():
+    x = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 4, 4, 3)
+    assert torch.equal(resize_batch(x, 4), x.float())  # bilinear at the same size is the identity
+    assert resize_batch(x, 8).shape == (2, 8, 8, 3)
+    mixed, target = mixup_batch(x.float(), torch.tensor([0, 2]), 0.75, torch.tensor([1, 0]), num_classes=3)
+    assert torch.equal(mixed[0], 0.75 * x[0].float() + 0.25 * x[1].float())
+    assert target.tolist() == [[0.75, 0.0, 0.25], [0.25, 0.0, 0.75]]
+    lam, perms = sample_mixup(1000, 8, 0.1, torch.Generator().manual_seed(0))
+    assert ((lam < 0.1) | (lam > 0.9)).float().mean() > 0.8  # Beta(0.1, 0.1) sits near 0 and 1
+    assert all(sorted(p.tolist()) == list(range(8)) for p in perms)
 
 
 # --- (5) exact resume ---------------------------------------------------------------------------------

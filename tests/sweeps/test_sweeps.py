@@ -205,6 +205,7 @@ def test_tracking_store_closes_only_a_run_left_running(mlflow_uri: str) -> None:
 # in-process studies (journal file, one worker)
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # trains a model
 def test_val_acc_study_prunes_and_links_mlflow_runs(sweep: dict) -> None:
     """Five earlier trials at 100% val acc (the median pruner's start-up count) make every real trial
     prunable at epoch 1 of 2; the pruned trials must stop early and say so in MLflow."""
@@ -248,6 +249,7 @@ def test_val_acc_study_prunes_and_links_mlflow_runs(sweep: dict) -> None:
     assert "test acc" not in results_txt(sweep["uri"], parent.info.run_id, sweep["tmp"] / "first")
 
 
+@pytest.mark.slow  # trains a model
 def test_retrain_best_later_reopens_the_parent_and_reports_test_acc(sweep: dict, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
     """A study reported without --retrain-best, rerun with it: the retrain runs under a RUNNING parent,
@@ -275,6 +277,7 @@ def test_retrain_best_later_reopens_the_parent_and_reports_test_acc(sweep: dict,
     assert results_txt(sweep["uri"], parent.info.run_id, sweep["tmp"] / "third") == text
 
 
+@pytest.mark.slow  # trains a model
 def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     budget = 30_000  # depth 10: k 8 and 12 fit, k 16 does not
     assert param_count({"depth": 10, "growth_rate": 12, "compression": 1.0}, 10) < budget
@@ -336,6 +339,7 @@ def test_max_params_rejects_points_without_training_them(sweep: dict, monkeypatc
     assert len(trained) == 3 - len(rejected) + 1  # the trials within budget, and the retrain
 
 
+@pytest.mark.slow  # trains a model
 def test_diverged_trial_counts_as_failed_and_its_run_fails(sweep: dict) -> None:
     rc = main([*sweep["argv"], "--storage", sweep["journal"], "--study-name", "diverge", "--trials", "1",
                "--set", "optimizer.lr=1.0e+12"])
@@ -346,6 +350,7 @@ def test_diverged_trial_counts_as_failed_and_its_run_fails(sweep: dict) -> None:
     assert child.info.status == "FAILED" and child.data.tags["optuna.state"] == "FAIL"
 
 
+@pytest.mark.slow  # trains a model
 def test_pareto_study_returns_a_non_dominated_front(sweep: dict, capsys: pytest.CaptureFixture) -> None:
     name = "pareto"
     rc = main([*sweep["argv"], "--storage", sweep["journal"], "--study-name", name, "--trials", "4",
@@ -452,6 +457,7 @@ def _assert_recovered(trials: list, killed: list, n: int, rs: list, run_status: 
         assert retry_run.info.run_id != run.info.run_id and retry_run.data.tags["optuna.retry_of"] == str(dead.number)
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("interrupt, rc", [(Interrupted(signal.SIGTERM), 128 + signal.SIGTERM),
                                            (KeyboardInterrupt(), 130)])
 def test_interrupted_trial_is_queued_again_and_trained_on_rerun(sweep: dict, monkeypatch: pytest.MonkeyPatch,

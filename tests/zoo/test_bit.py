@@ -256,6 +256,20 @@ def test_load_errors(tmp_path) -> None:
         bit.load_bit_weights(model, junk)
 
 
+def test_save_writes_the_official_layout_and_zero_head_zeroes_the_head(tmp_path) -> None:
+    src = _narrow(0, stem="imagenet")
+    ours = bit.save_bit_weights(src, tmp_path / "ours")  # .npz is added
+    _write_checkpoint(src, tmp_path / "reference.npz")  # the independent writer above
+    with np.load(ours) as a, np.load(tmp_path / "reference.npz") as b:
+        assert ours.name == "ours.npz" and sorted(a.files) == sorted(b.files)
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    dst = _narrow(1, stem="imagenet")
+    report = bit.load_bit_weights(dst, ours, zero_head=True)
+    assert [name for name, _ in report["skipped"]] == ["head.fc.weight", "head.fc.bias"]
+    assert all(torch.count_nonzero(p) == 0 for p in dst.head.parameters())
+    torch.testing.assert_close(_body(dst), _body(src), rtol=0, atol=0)
+
+
 # --- what the official code computes -------------------------------------------------------------------
 
 OFFICIAL_LAYERS = (2, 1, 1, 1)

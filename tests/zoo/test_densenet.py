@@ -87,6 +87,7 @@ def test_memory_efficient_matches_standard(name: str, hparams: dict) -> None:
         torch.testing.assert_close(efficient(x), standard(x))
 
 
+@pytest.mark.slow  # forward and backward of two DenseNet-BC-100s
 def test_memory_efficient_saves_fewer_tensors_for_backward() -> None:
     def saved_activation_bytes(model: nn.Module) -> int:
         params = {p.data_ptr() for p in model.parameters()}
@@ -243,6 +244,7 @@ def _torchvision_with_cifar_stem(growth_rate: int, blocks: tuple[int, ...], num_
     return model
 
 
+@pytest.mark.slow  # builds and runs five ImageNet-sized DenseNets twice (ours and torchvision's)
 @pytest.mark.parametrize(("name", "growth_rate", "blocks"), IMAGENET_CONFIGS)
 def test_imagenet_configs_match_torchvision(name: str, growth_rate: int, blocks: tuple[int, ...]) -> None:
     """Checks, for each ImageNet block configuration (DenseNet-264: torchvision.models.DenseNet(growth_rate=32,
