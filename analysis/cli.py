@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -50,3 +50,17 @@ def output_dir(root: Path, experiment: str, recipe_hashes: Iterable[str]) -> Pat
 
 def warn(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+def run_cli(prog: str, description: str | None, write: Callable[..., list[Path]], argv: list[str] | None) -> int:
+    """Parse the shared flags, call ``write(uri, experiment, out, recipe, allow_mixed)`` and print the files it
+    wrote; an AnalysisError is one line and its exit code."""
+    parser = build_parser(prog, description)
+    args = parser.parse_args(argv)
+    try:
+        written = write(args.tracking_uri, args.experiment, Path(args.out), args.recipe, args.allow_mixed_recipes)
+    except AnalysisError as e:
+        parser.fail(e)
+    for path in written:
+        print(path)
+    return 0

@@ -5,7 +5,8 @@
 
 Writes PNG and SVG files into OUT/<experiment>/<recipe hash>/ (OUT/<experiment>/mixed/ for figures of several
 recipes): accuracy_vs_params, accuracy_vs_flops, accuracy_vs_train_time, learning_curves and, per sweep
-study, sweep_<study> (k × θ map and Pareto front of its trials). Only FINISHED runs count; runs of different
+study, sweep_<study> (k × θ map and Pareto front of its trials), and transfer_shots (test accuracy against
+shots of the fine-tuning runs, --pretrained). Only FINISHED runs count; runs of different
 recipes never share a figure unless --allow-mixed-recipes is given (one panel per recipe). --recipe takes a
 hash, or a name that one hash carries. Runs that lack a metric are listed on stderr.
 """
@@ -24,12 +25,13 @@ from matplotlib.figure import Figure
 
 from analysis.aggregate import (FINISHED, TRAIN_KINDS, aggregate_runs, complete_runs, curves_frame, finished_runs,
                                 ignored_runs_note, match_references, missing_metrics, missing_report)
-from analysis.cli import build_parser, output_dir, slug, warn
+from analysis.cli import output_dir, run_cli, slug, warn
 from analysis.errors import AnalysisError, EmptyFigureError
 from analysis.figures import X_AXES, accuracy_figure, learning_curves_figure, save_figure, sweep_figure
 from analysis.mlflow_data import load_experiment, load_histories, store_errors
 from analysis.recipes import filter_recipe, select_recipes
-from experiments.names import KIND_TRIAL
+from analysis.transfer import shots_figure, shots_table
+from experiments.names import KIND_TRIAL, PRETRAINED
 
 
 def study_trials(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -59,6 +61,11 @@ def make_figures(uri: str, experiment: str, out: Path, recipe: str | None = None
         warn(line)
 
     written: list[Path] = []
+    tuned = train[train[PRETRAINED].notna()] if PRETRAINED in train else train.iloc[:0]
+    if not tuned.empty:  # fine-tuning runs, one figure across shots (each shot count resolves its own recipe hash)
+        folder = output_dir(out, experiment, tuned["recipe_hash"])
+        written += _save_or_warn(lambda: shots_figure(shots_table(tuned)), folder, "transfer_shots")
+        train = train.drop(tuned.index)  # fine-tuned runs never share a figure with runs trained from scratch
     train = complete_runs(train)
     if not train.empty:
         train = select_recipes(train, allow_mixed=allow_mixed)
@@ -85,16 +92,7 @@ def _save_or_warn(build: Callable[[], Figure], out: Path, stem: str) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("plots.py", __doc__)
-    args = parser.parse_args(argv)
-    try:
-        written = make_figures(args.tracking_uri, args.experiment, Path(args.out), args.recipe,
-                               args.allow_mixed_recipes)
-    except AnalysisError as e:
-        parser.fail(e)
-    for path in written:
-        print(path)
-    return 0
+    return run_cli("plots.py", __doc__, make_figures, argv)
 
 
 if __name__ == "__main__":

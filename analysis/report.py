@@ -25,7 +25,7 @@ import pandas as pd
 from analysis.aggregate import (TIMING_STEPS, aggregate_runs, complete_runs, dataset_name, finished_runs,
                                 ignored_runs_note, match_references, missing_metrics, missing_report, model_labels,
                                 results_table)
-from analysis.cli import build_parser, output_dir, warn
+from analysis.cli import output_dir, run_cli, warn
 from analysis.errors import AnalysisError
 from analysis.mlflow_data import load_experiment
 from analysis.recipes import filter_recipe, recipe_label, recipe_title, select_recipes
@@ -177,16 +177,7 @@ def write_report(uri: str, experiment: str, out: Path, recipe: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("report.py", __doc__)
-    args = parser.parse_args(argv)
-    try:
-        written = write_report(args.tracking_uri, args.experiment, Path(args.out), args.recipe,
-                               args.allow_mixed_recipes)
-    except AnalysisError as e:
-        parser.fail(e)
-    for path in written:
-        print(path)
-    return 0
+    return run_cli("report.py", __doc__, write_report, argv)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def shots_figure(table: pd.DataFrame) -> Figure:
             ax.set_title(f"{dataset_name(dataset)}: fine-tuned from {weights}")
             ax.set_xlabel("training images per class (shots)")
             ax.set_ylabel("final test accuracy (%)")
+            ax.set_ylim(0, 100)  # an accuracy: a wide interval of two seeds must not stretch the axis past 100%
             ax.legend(fontsize="small")
         fig.suptitle(f"Few-shot transfer: mean and {CI} over seeds")
     return fig

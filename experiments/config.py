@@ -182,6 +182,19 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+def read_yaml_mapping(path: Path, what: str, holds: str) -> dict[str, Any]:
+    """The mapping a YAML file (``what``: e.g. "recipe file") holds; anything else is one UserError line."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} must hold a mapping of {holds}")
+    return raw
+
+
 def load_recipe(name_or_path: str) -> Recipe:
     """A recipe by preset name (experiments/recipes/NAME.yaml) or by path to a YAML file."""
     path = Path(name_or_path)
@@ -189,14 +202,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise UserError(f"unknown recipe {name_or_path!r}; presets: {', '.join(list_recipes())} (or pass a .yaml path)")
-    if not path.is_file():
-        raise UserError(f"recipe file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"recipe file {path} must hold a mapping of recipe fields")
+    raw = read_yaml_mapping(path, "recipe file", "recipe fields")
     raw.setdefault("name", path.stem)
     return build_dataclass(Recipe, raw, where=f"recipe {path.name}").validate()
 

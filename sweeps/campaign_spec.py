@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from experiments import names
 from experiments.config import (
@@ -31,6 +30,7 @@ from experiments.config import (
     check_seed,
     load_recipe,
     parse_arch_spec,
+    read_yaml_mapping,
 )
 from experiments.errors import UserError
 
@@ -137,15 +137,7 @@ def load_campaign(path: str | Path) -> Campaign:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"campaign file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"campaign file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"campaign file {path} must hold a mapping of campaign keys")
-    return raw
+    return read_yaml_mapping(path, "campaign file", "campaign keys")
 
 
 def _text(value: Any, where: str) -> str:

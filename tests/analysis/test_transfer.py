@@ -40,3 +40,32 @@ def test_no_fine_tuning_runs_is_an_empty_figure_error():
     runs = _runs()
     with pytest.raises(EmptyFigureError):
         shots_table(runs[runs[PRETRAINED].isna()])
+
+
+def test_plots_cli_writes_the_shots_figure_across_recipe_hashes(tmp_path) -> None:
+    """Each shot count resolves its own HyperRule recipe hash: plots.py still draws them in one figure."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from analysis import plots
+    from experiments import names
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("transfer")
+    for shots, recipe_hash, accs in ((1, "aaaaaaaaaaaa", (50.0, 60.0)), (5, "bbbbbbbbbbbb", (80.0, 84.0))):
+        for seed, acc in enumerate(accs):
+            run = client.create_run(experiment_id, tags={names.KIND: names.KIND_TRAIN})
+            params = {names.ARCH: "bit_r50x1", names.FAMILY: "bit", names.DATASET: "cifar10",
+                      names.RECIPE: "bit-hyperrule", names.RECIPE_HASH: recipe_hash, names.SEED: seed,
+                      names.PRETRAINED: "BiT-M-R50x1.npz", names.SHOTS: shots, names.TRAIN_SIZE: 10 * shots}
+            for key, value in params.items():
+                client.log_param(run.info.run_id, key, value)
+            for key, value in ((names.FINAL_TEST_ACC, acc), (names.PARAM_COUNT, 23_500_000), (names.FLOPS, 1e9)):
+                client.log_metric(run.info.run_id, key, value, step=0)
+            client.set_terminated(run.info.run_id, "FINISHED")
+    mlflow.set_tracking_uri(None)
+    assert plots.main(["--experiment", "transfer", "--tracking-uri", uri, "--out", str(tmp_path / "figs"),
+                       "--allow-mixed-recipes"]) == 0
+    (png,) = (tmp_path / "figs").rglob("transfer_shots.png")
+    assert png.stat().st_size > 0
