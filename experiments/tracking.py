@@ -262,7 +262,14 @@ class MlflowTracker(Tracker):
         with warnings.catch_warnings():  # a local path matches two equivalent registered source types
             warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
             ds = mlflow.data.from_numpy(images, targets=labels, source=source, name=name, digest=digest[:36])
-        mlflow.log_input(ds, context=context)
+        try:
+            mlflow.log_input(ds, context=context)
+        except mlflow.exceptions.MlflowException as e:
+            # Two processes (campaign or sweep workers) logging the same dataset to one SQLite store race on its
+            # unique row; the loser finds the row the winner inserted when it links its run again.
+            if "UNIQUE constraint failed: datasets" not in str(e):
+                raise
+            mlflow.log_input(ds, context=context)
 
     def logged_steps(self, key: str) -> set[int]:
         import mlflow
