@@ -53,7 +53,7 @@ from experiments.config import NUM_CLASSES, Recipe, RunConfig, apply_overrides, 
 from experiments.data import ArrayDataset, DatasetBundle, load_dataset
 from experiments.errors import UserError
 from experiments.fit import Batches, Plan, build_model, build_trainer, make_batches, make_plan
-from experiments.runtime import DistEnv, cpu_heap_policy, release_freed_memory, resolve_device
+from experiments.runtime import DistEnv, cpu_heap_policy, native_cpu_bf16, release_freed_memory, resolve_device
 from experiments.tracking import device_name
 from experiments.trainer import StepMeter, Trainer, make_splits
 
@@ -87,6 +87,11 @@ def training_flops_per_image(forward_flops: int) -> int:
 def mfu(forward_flops: int, ips: float, peak_flops_per_second: float) -> float:
     """Model FLOP utilisation: useful training FLOPs per second over the measured matmul rate."""
     return training_flops_per_image(forward_flops) * ips / peak_flops_per_second
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs in hardware here: CUDA, or a CPU with AVX-512 BF16 / AMX (as fit()'s default decides)."""
+    return device.type == "cuda" or native_cpu_bf16()
 
 
 def matmul_flops(n: int) -> int:
@@ -144,7 +149,8 @@ def compare_modes(modes: dict[str, dict[str, Any]], forward_flops: int,
         dtype = "bf16" if r["amp_bf16"] else "fp32"
         out[mode] = {"speedup_vs_baseline": ratio(r["images_per_second"], base),
                      "speedup_vs_fp32": ratio(r["images_per_second"], fp32), "mfu_dtype": dtype,
-                     "mfu": mfu(forward_flops, r["images_per_second"], peaks[dtype]["flops_per_second"])}
+                     "mfu": (mfu(forward_flops, r["images_per_second"], peaks[dtype]["flops_per_second"])
+                             if dtype in peaks else None)}
     return out
 
 
@@ -544,7 +550,7 @@ def _mode_cells(mode: str, r: dict[str, Any]) -> list[str]:
     return [mode, f"{r['images_per_second']:,.1f}", _fmt(r["speedup_vs_baseline"], ".2f", "x"),
             _fmt(r["speedup_vs_fp32"], ".2f", "x"), *(_fmt(shares.get(k), ".0%") for k in (*SECTIONS, "evaluation")),
             f"{r['eval_images_per_second']:,.1f}", _fmt(_mib(r["peak_memory_bytes"]), ",.0f"),
-            _fmt(r["compile_seconds"], ".1f"), _fmt(r["recompiles"], "d"), f"{r['mfu']:.1%} {r['mfu_dtype']}"]
+            _fmt(r["compile_seconds"], ".1f"), _fmt(r["recompiles"], "d"), f"{_fmt(r['mfu'], '.1%')} {r['mfu_dtype']}"]
 
 
 def format_arch_table(arch: str, entry: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -656,8 +662,9 @@ def make_setup(args: argparse.Namespace, device: torch.device) -> Setup:
         raise UserError(f"batch size {recipe.batch_size} exceeds the {len(bundle.train)} training images "
                         f"left after the {args.eval_images} evaluation images")
     workers = args.workers if args.workers is not None else min(8, _cores())
-    peaks = {name: measure_matmul_peak(device, dtype) for name, dtype in (("fp32", torch.float32),
-                                                                          ("bf16", torch.bfloat16))}
+    # Without native bf16 a 2048² bf16 matmul is emulated (a minute for one product) and no mode trains in bf16.
+    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if has_native_bf16(device) else [])
+    peaks = {name: measure_matmul_peak(device, dtype) for name, dtype in dtypes}
     return Setup(bundle, recipe, device, args.steps, args.warmup, workers, args.seed, args.eval_images, peaks)
 
 

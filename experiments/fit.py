@@ -27,15 +27,15 @@ from tqdm import tqdm
 import zoo
 from experiments import checkpoint as ckpt_io
 from experiments import names, transfer
-from experiments.config import RunConfig, flatten
+from experiments.config import RunConfig, flatten, load_recipe
 from experiments.data import DatasetBundle, DeviceLoader, load_dataset
 from experiments.errors import Interrupted, NonFiniteLoss, UserError
-from experiments.monitor import (QUICKSTART, QUICKSTART_AFTER_SECONDS, RunLength, divergence, estimate_line,
-                                 eval_batches_left, quickstart_line)
+from experiments.monitor import (QUICKSTART, QUICKSTART_AFTER_SECONDS, QUICKSTART_ARCH, RunLength, divergence,
+                                 estimate_line, eval_batches_left, preview_line, quickstart_line)
 from experiments.resume import (Checkpoint, PartialEpoch, Progress, check_compatible, check_same_data,
                                 pin_legacy_speed)
-from experiments.runtime import (DistEnv, any_rank, cpu_heap_policy, graceful_signals, process_group, rank_seed,
-                                 resolve_device, seed_everything, speed_settings)
+from experiments.runtime import (COMPILE_COSTS, DistEnv, any_rank, cpu_heap_policy, graceful_signals, process_group,
+                                 rank_seed, resolve_device, seed_everything, speed_settings)
 from experiments.tracking import Tracker, environment_tags
 from experiments.trainer import FINITE_CHECK_EVERY, Splits, StepMeter, Trainer, make_splits, train_loader
 
@@ -103,7 +103,7 @@ def fit(cfg: RunConfig, tracker: Tracker | None = None, callbacks: Sequence[Epoc
         forced += pinned
 
         # --- model (fresh, or as the checkpoint left it); its FLOPs settle whether compiling pays ---
-        model, info = build_model(cfg, bundle.num_classes)
+        model, info = build_model(cfg, bundle.num_classes, bundle.train.images.shape[1:3])
         plan = make_plan(cfg, env, device, bundle, forward_flops=info["flops"])
         trainer = build_trainer(plan, model)
         batches = make_batches(plan, options.evaluate_test)
@@ -112,8 +112,9 @@ def fit(cfg: RunConfig, tracker: Tracker | None = None, callbacks: Sequence[Epoc
         # --- epochs -> record. SIGTERM / Ctrl-C from here on only set a flag: the run always ends KILLED
         # with a usable checkpoint ---
         recorder = Recorder(tracker or Tracker(), plan, info, options, started)
-        forecast = Forecast(plan, trainer, batches, progress, recorder.say if env.main else None)
+        forecast = Forecast(plan, trainer, batches, progress, recorder.say if env.main else None, info["flops"])
         with graceful_signals(announce=env.main) as pending, recorder.run(resume, model, forced):
+            forecast.preview()  # a compiled run: an estimate now, before compilation takes minutes
             stopped = run_epochs(Session(plan, trainer, batches, progress, recorder, pending, forecast), callbacks)
             if pending:  # arrived after the last step: the final checkpoint is complete, --resume records the rest
                 raise Interrupted(pending[0])
@@ -174,15 +175,17 @@ def make_plan(cfg: RunConfig, env: DistEnv, device: torch.device, bundle: Datase
                 compile_rule=speed.compile_rule)
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> tuple[nn.Module, dict[str, int]]:
-    """The seeded model and its params/FLOPs."""
+def build_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int] = (32, 32)
+                ) -> tuple[nn.Module, dict[str, int]]:
+    """The seeded model and its params/FLOPs per image at the size it trains on (BiT-HyperRule: 128x128)."""
     seed_everything(cfg.seed)
     try:
         model = zoo.create_model(cfg.arch, num_classes=num_classes, **cfg.model)
     except ValueError as e:  # unknown name or hyperparameters breaking the architecture's rules
         raise UserError(str(e)) from None
     transfer.load_pretrained(model, cfg)  # fine-tuning: the pretrained weights, head zeroed
-    return model, zoo.model_info(model)
+    height, width = transfer.input_shape(cfg.recipe, image_shape)
+    return model, zoo.model_info(model, (3, height, width)) | {"input_height": height, "input_width": width}
 
 
 def build_trainer(plan: Plan, model: nn.Module) -> Trainer:
@@ -408,7 +411,8 @@ def run_params(plan: Plan) -> dict[str, Any]:
 
 
 def model_summary(model: nn.Module, info: dict[str, int], arch: str) -> str:
-    lines = [f"{arch}: {info['params']:,} trainable parameters, {info['flops']:,} forward FLOPs per 3x32x32 image "
+    lines = [f"{arch}: {info['params']:,} trainable parameters, {info['flops']:,} forward FLOPs per "
+             f"3x{info['input_height']}x{info['input_width']} image "
              f"(torch.utils.flop_counter, 1 MAC = 2 FLOPs)", "", f"{'module':<40}{'params':>14}"]
     for name, child in model.named_children():
         lines.append(f"{name:<40}{sum(p.numel() for p in child.parameters()):>14,}")
@@ -584,20 +588,45 @@ class EpochTraining:
 class Forecast:
     """Times this session's first training steps and prints, once, how long the rest of the run will take on
     this machine (training from the measured step time, evaluation from one timed evaluation batch) and, on
-    the CPU beyond an hour, the command of a run that gives a result in about ten minutes."""
+    the CPU beyond an hour, the quickstart's command with how long it would train here. A compiled run first
+    prints a preview measured on an eager copy of the model, before compilation takes its minutes."""
 
     WARMUP_STEPS = 1  # a session's first step is slower (allocator and oneDNN warm-up, compilation)
     SAMPLE_STEPS, SAMPLE_SECONDS = 20, 20.0  # the estimate comes after this many timed steps or seconds
+    PREVIEW_STEPS, PREVIEW_SECONDS = 2, 10.0  # the preview times this many eager steps, or fewer past these seconds
 
     def __init__(self, plan: Plan, trainer: Trainer, batches: Batches, progress: Progress,
-                 say: Callable[..., None] | None):
+                 say: Callable[..., None] | None, forward_flops: float = 0.0):
         self.plan, self.trainer, self.batches, self.say = plan, trainer, batches, say
         done = progress.epoch * plan.steps_per_epoch + (progress.partial.step if progress.partial else 0)
         self.steps_left = plan.total_steps - done  # at the start of this session
+        self.first_epoch = progress.epoch + 1
         self.resumed = done > 0
+        self.train_flops = TRAIN_FLOPS_PER_FORWARD * forward_flops  # per training image
         self.steps = 0
         self.t0 = 0.0
         self.active = say is not None  # only the main process reports
+        self.offered = False  # the quickstart, offered once
+
+    def preview(self) -> None:
+        """Before a compiled run's first step: the estimate from eager steps (eager_step_seconds), compiled by
+        the tabulated speed-up, plus the tabulated compile time. Nothing the run uses changes."""
+        plan, cfg = self.plan, self.plan.cfg
+        cost = COMPILE_COSTS.get(plan.device.type)  # no row: nothing measured to scale eager steps by
+        # Under torchrun a rank alone in a SyncBatchNorm forward would wait for the others: no preview there.
+        if not (self.active and cfg.compile and cost is not None and plan.env.world == 1 and self.steps_left > 0):
+            return
+        crop = cfg.recipe.resize.crop  # the loaders' crop, else the images' own size
+        height, width = (crop, crop) if crop else plan.bundle.train.images.shape[1:3]
+        step, eval_batch, timed = eager_step_seconds(
+            self.trainer, (cfg.recipe.batch_size, 3, height, width), cfg.recipe.eval_batch_size,
+            plan.bundle.num_classes, plan.channels_last, self.PREVIEW_STEPS, self.PREVIEW_SECONDS)
+        length = self._length(self.first_epoch)
+        seconds = cost.compile_seconds + length.seconds(step / cost.speedup, eval_batch / cost.speedup)
+        eager_rate = cfg.recipe.batch_size / step
+        self.say(f"[{cfg.arch}] {preview_line(length, seconds, eager_rate, timed, cost.speedup, cost.compile_seconds)}",
+                 flush=True)
+        self._offer_quickstart(seconds, eager_rate)
 
     def step_done(self, epoch: int, last: bool) -> float:
         """After each training step of the session (``last``: the epoch's last); reports once, in the first
@@ -620,16 +649,36 @@ class Forecast:
         self.active = False
         t0 = time.perf_counter()
         plan, cfg = self.plan, self.plan.cfg
-        loaders = [loader for loader in (self.batches.val, self.batches.test) if loader is not None]
-        length = RunLength(train_steps=self.steps_left, batch_size=cfg.recipe.batch_size,
-                           eval_batches=eval_batches_left(epoch, plan.epochs, cfg.recipe.eval_every,
-                                                          sum(len(loader) for loader in loaders)),
-                           epochs=plan.epochs - epoch + 1, resumed=self.resumed)
-        seconds = length.seconds(step_seconds, self._eval_batch_seconds(loaders))
-        self.say(f"[{cfg.arch}] {estimate_line(length, seconds, cfg.recipe.batch_size / step_seconds)}", flush=True)
-        if seconds > QUICKSTART_AFTER_SECONDS and plan.device.type == "cpu" and cfg.recipe.name != QUICKSTART:
-            self.say(f"[{cfg.arch}] {quickstart_line(cfg.data_dir, cfg.dataset)}", flush=True)
+        length = self._length(epoch)
+        seconds = length.seconds(step_seconds, self._eval_batch_seconds(self._eval_loaders()))
+        rate = cfg.recipe.batch_size / step_seconds
+        self.say(f"[{cfg.arch}] {estimate_line(length, seconds, rate)}", flush=True)
+        cost = COMPILE_COSTS.get(plan.device.type)
+        self._offer_quickstart(seconds, rate / cost.speedup if cfg.compile and cost else rate)
         return time.perf_counter() - t0
+
+    def _eval_loaders(self) -> list[DeviceLoader]:
+        return [loader for loader in (self.batches.val, self.batches.test) if loader is not None]
+
+    def _length(self, epoch: int) -> RunLength:
+        """What is left of the run from ``epoch`` on (this session's first, or the one being trained)."""
+        plan, cfg = self.plan, self.plan.cfg
+        per_eval = sum(len(loader) for loader in self._eval_loaders())
+        return RunLength(train_steps=self.steps_left, batch_size=cfg.recipe.batch_size,
+                         eval_batches=eval_batches_left(epoch, plan.epochs, cfg.recipe.eval_every, per_eval),
+                         epochs=plan.epochs - epoch + 1, resumed=self.resumed)
+
+    def _offer_quickstart(self, seconds: float, eager_images_per_second: float) -> None:
+        """On the CPU, a run over QUICKSTART_AFTER_SECONDS is offered the quickstart, timed at this run's eager
+        FLOP rate (the quickstart is too short to compile); once."""
+        plan, cfg = self.plan, self.plan.cfg
+        if (self.offered or seconds <= QUICKSTART_AFTER_SECONDS or plan.device.type != "cpu"
+                or cfg.recipe.name == QUICKSTART):
+            return
+        self.offered = True
+        line = quickstart_line(cfg.data_dir, cfg.dataset, quickstart_flops(plan.bundle),
+                               eager_images_per_second * self.train_flops)
+        self.say(f"[{cfg.arch}] {line}", flush=True)
 
     def _eval_batch_seconds(self, loaders: list[DeviceLoader]) -> float:
         """One evaluation batch, timed after an untimed one (warm-up, or the evaluation graph's compilation).
@@ -640,6 +689,57 @@ class Forecast:
         t0 = time.perf_counter()
         self.trainer.evaluate(loaders[0], max_batches=1)  # ends in a host sync (and back in train mode)
         return time.perf_counter() - t0
+
+
+def eager_step_seconds(trainer: Trainer, batch_shape: tuple[int, int, int, int], eval_batch_size: int,
+                       num_classes: int, channels_last: bool, steps: int, budget: float) -> tuple[float, float, int]:
+    """(seconds of one eager forward + backward pass at ``batch_shape``, seconds of one evaluation forward of
+    ``eval_batch_size`` images, passes timed): ``steps`` passes after an untimed warm-up one (fewer once
+    ``budget`` seconds are spent), under the trainer's autocast, on a copy of its model and random data.
+    Nothing the run uses changes: the copy has its own weights, gradients and BatchNorm buffers, the data
+    comes from a private generator, fork_rng restores the global RNG (dropout), and nothing steps an optimizer."""
+    device = trainer.device
+    model = copy.deepcopy(trainer.model).train()  # the eager module, whatever torch.compile wraps around it
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randn((n, *batch_shape[1:]), generator=generator, device=device).contiguous(memory_format=layout)
+
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device.index or 0] if cuda else [], device_type="cuda" if cuda else None):
+        x = images(batch_shape[0])
+        y = torch.randint(num_classes, (batch_shape[0],), generator=generator, device=device)
+        t0 = now = 0.0
+        for i in range(steps + 1):
+            with trainer.autocast():
+                loss, _ = trainer.loss(model(x), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            now = _synced_now(device)
+            if i == 0:
+                t0 = now  # the first pass warms up (allocator, oneDNN primitives): not timed
+            elif now - t0 >= budget:
+                break
+        timed = i
+        model.eval()
+        x = images(eval_batch_size)
+        start = _synced_now(device)
+        with torch.inference_mode(), trainer.autocast():
+            model(x)
+        return (now - t0) / timed, _synced_now(device) - start, timed
+
+
+def quickstart_flops(bundle: DatasetBundle) -> float:
+    """Training FLOPs of the quickstart (QUICKSTART_ARCH under the quickstart recipe) on ``bundle``'s data,
+    counted on the meta device; 0 when its validation split leaves no training batch."""
+    recipe = load_recipe(QUICKSTART)
+    height, width = bundle.train.images.shape[1:3]
+    forward = zoo.variant_info(QUICKSTART_ARCH, bundle.num_classes, (3, height, width))["flops"]
+    images = recipe.subset or max(0, len(bundle.train) - recipe.val_size)
+    steps = recipe.epoch_steps or images // recipe.batch_size
+    return TRAIN_FLOPS_PER_FORWARD * forward * recipe.epochs * steps * recipe.batch_size
 
 
 def _synced_now(device: torch.device) -> float:

@@ -76,11 +76,32 @@ def estimate_line(length: RunLength, seconds: float, images_per_second: float) -
             f"(train + eval) on this machine at {images_per_second:,.0f} img/s")
 
 
+def preview_line(length: RunLength, seconds: float, eager_images_per_second: float, steps: int, speedup: float,
+                 compile_seconds: float) -> str:
+    """A compiled run's estimate before compilation: ``seconds`` counts ``compile_seconds`` of compilation and
+    the run at ``eager_images_per_second`` (measured on ``steps`` eager steps) times the tabulated ``speedup``."""
+    which = "the remaining " if length.resumed else ""
+    return (f"estimated {duration(seconds)} for {which}{length.epochs} epoch{'s' if length.epochs != 1 else ''} "
+            f"(train + eval + ~{duration(compile_seconds)} compile) on this machine: {steps} eager "
+            f"step{'s' if steps != 1 else ''} at {eager_images_per_second:,.0f} img/s x {speedup:g} compiled "
+            f"(tabulated); a measured estimate follows after compilation")
+
+
 QUICKSTART_AFTER_SECONDS = 3600.0  # beyond this a CPU user is offered the quickstart
-QUICKSTART = "quickstart"
+QUICKSTART, QUICKSTART_ARCH = "quickstart", "resnet20"
 
 
-def quickstart_line(data_dir: str, dataset: str) -> str:
+def quickstart_line(data_dir: str, dataset: str, quickstart_flops: float, flops_per_second: float) -> str:
+    """The quickstart's command, with how long it trains here: its ``quickstart_flops`` of training at this
+    run's measured ``flops_per_second`` (0 FLOPs: it has no training steps on this data; no time said)."""
     data = f" --dataset {dataset}" if dataset != "cifar10" else ""
-    return (f"that is long: for a meaningful result in about ten minutes on a 2-core CPU, run\n"
-            f"  python experiments/run.py --arch resnet20 --recipe {QUICKSTART}{data} --data-dir {shlex.quote(data_dir)}")
+    if quickstart_flops > 0 and flops_per_second > 0:
+        seconds = quickstart_flops / flops_per_second
+        minutes = max(1, round(seconds / 60))
+        when = (f"trains to a meaningful result in about {f'{minutes} min' if minutes < 60 else duration(seconds)} "
+                f"on this machine (at this run's {flops_per_second / 1e9:,.0f} GFLOP/s)")
+    else:
+        when = "trains to a meaningful result sooner"
+    return (f"that is long: the quickstart ({QUICKSTART_ARCH}, recipe {QUICKSTART}) {when}; run\n"
+            f"  python experiments/run.py --arch {QUICKSTART_ARCH} --recipe {QUICKSTART}{data} "
+            f"--data-dir {shlex.quote(data_dir)}")

@@ -63,6 +63,7 @@ COMMAND = "command"  # tag: the command line that started a run
 # --- campaigns (sweeps/campaign.py): tags of each cell's train run ---
 CAMPAIGN = "cnn_zoo.campaign"  # the campaign's name
 CELL = "cnn_zoo.cell"  # the cell's key: ARCH_LABEL/DATASET/seedN
+IMPORTED_FROM_RUN_ID = "imported_from_run_id"  # tag of a run imported from a file: the exported run's id
 
 # --- run params: what the data loader did and why compile is on or off ---
 DATA_PREPROCESS = "data.preprocess"  # the loader's preprocessing of the stored images ("none", MNIST's padding, ...)

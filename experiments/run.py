@@ -140,7 +140,15 @@ def build_recipe(args: argparse.Namespace, base: Recipe | None = None) -> Recipe
     shortcuts = {"batch_size": args.batch_size, "optimizer.lr": args.lr, "optimizer.weight_decay": args.weight_decay,
                  "val_size": args.val_size, "subset": args.subset}
     overrides = flag_overrides(shortcuts, args.epochs, args.set)
-    return apply_overrides(recipe, overrides) if overrides else recipe
+    recipe = apply_overrides(recipe, overrides) if overrides else recipe
+    if recipe.hyperrule:  # fit() would replace these from the training set: say so instead of ignoring them
+        from experiments.transfer import HYPERRULE_FIELDS
+
+        ruled = sorted({k.split(".")[0] for k in overrides} & {*HYPERRULE_FIELDS, "epochs"})
+        if ruled:
+            raise UserError(f"recipe {recipe.name} sets {', '.join(ruled)} from the training set (BiT-HyperRule); "
+                            f"drop the override, or add --set hyperrule=false to set them all yourself")
+    return recipe
 
 
 def build_configs(args: argparse.Namespace) -> list[PlannedRun]:
@@ -172,37 +180,39 @@ def explicit_device_flags(args: argparse.Namespace, fallback: dict) -> dict:
 
 def plan_run(cfg: RunConfig) -> PlannedRun:
     import zoo
+    from experiments.transfer import input_shape
 
     timm = cfg.arch.startswith(TIMM_PREFIX)
+    side = input_shape(cfg.recipe, (IMAGE_SIDE, IMAGE_SIDE))[0]  # FLOPs at what the run trains on (BiT: 128)
     try:
-        info = zoo.variant_info(cfg.arch, NUM_CLASSES[cfg.dataset], **cfg.model)
+        info = zoo.variant_info(cfg.arch, NUM_CLASSES[cfg.dataset], input_size=(3, side, side), **cfg.model)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
     except AssertionError as e:  # timm's fixed-size models (ViTs) assert the input size
         if not timm:
             raise
-        raise UserError(f"{cfg.arch} does not take {IMAGE_SIDE}x{IMAGE_SIDE} images ({e}); if it has an img_size "
-                        f"argument, give it: --arch {cfg.arch}:img_size={IMAGE_SIDE}") from None
+        raise UserError(f"{cfg.arch} does not take {side}x{side} images ({e}); if it has an img_size "
+                        f"argument, give it: --arch {cfg.arch}:img_size={side}") from None
     defaults = {} if timm else zoo.model_defaults(cfg.arch)  # timm keeps its defaults inside its constructors
     return PlannedRun(cfg, info, defaults | cfg.model, arch_label(cfg.arch, cfg.model, defaults),
-                      timm_stem_warning(cfg) if timm else None)
+                      timm_stem_warning(cfg, side) if timm else None)
 
 
-def timm_stem_warning(cfg: RunConfig) -> str | None:
-    """A warning when a timm model, designed for ImageNet's 224x224 images, shrinks a 32x32 image to a tiny
-    feature map (its stem alone typically downsamples 2-4x), read from the model's feature_info on meta."""
+def timm_stem_warning(cfg: RunConfig, side: int = IMAGE_SIDE) -> str | None:
+    """A warning when a timm model, designed for ImageNet's 224x224 images, shrinks a ``side`` x ``side`` input
+    to a tiny feature map (its stem alone typically downsamples 2-4x), read from the model's feature_info on meta."""
     import torch
     import zoo
 
     with torch.device("meta"):
         model = zoo.create_model(cfg.arch, num_classes=NUM_CLASSES[cfg.dataset], **cfg.model)
     reductions = [f["reduction"] for f in getattr(model, "feature_info", None) or [] if "reduction" in f]
-    if not reductions or IMAGE_SIDE // max(reductions) >= MIN_FEATURE_SIDE:
+    if not reductions or side // max(reductions) >= MIN_FEATURE_SIDE:
         return None
     designed = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:]
-    first, last = (max(IMAGE_SIDE // r, 1) for r in (reductions[0], max(reductions)))
+    first, last = (max(side // r, 1) for r in (reductions[0], max(reductions)))
     return (f"warning: {cfg.arch} was designed for {designed[0]}x{designed[1]} ImageNet images: its stem downsamples "
-            f"a {IMAGE_SIDE}x{IMAGE_SIDE} input to {first}x{first} and its last stage sees {last}x{last}, which "
+            f"a {side}x{side} input to {first}x{first} and its last stage sees {last}x{last}, which "
             f"costs accuracy; the zoo's variants are built for {IMAGE_SIDE}x{IMAGE_SIDE}")
 
 
@@ -217,6 +227,7 @@ def resume_config(args: argparse.Namespace, ckpt: dict) -> RunConfig:
     """The checkpoint's config, with only what the command line states explicitly replaced. Device, data
     location and the math-preserving speed flags may change; fit() refuses another arch, recipe, model
     or dataset content unless --force-resume."""
+    from experiments import transfer
     from experiments.resume import saved_config
 
     saved = saved_config(ckpt)
@@ -229,8 +240,12 @@ def resume_config(args: argparse.Namespace, ckpt: dict) -> RunConfig:
         if len(entries) != 1:
             raise UserError(f"--resume continues one run, but --arch names {len(entries)} architectures")
         ((arch, model),) = entries
-        changes |= {"arch": arch, "recipe": build_recipe(args, base=None if args.recipe else saved.recipe),
-                    "model": model or saved.model}
+        # A HyperRule recipe named again is resolved as the saved one was (fit() resolves it from the data
+        # only after the recipe check); a pretrained BiT keeps its ImageNet stem, as build_configs gives it.
+        recipe = transfer.resolve_like(build_recipe(args, base=None if args.recipe else saved.recipe), saved.recipe)
+        pretrained = changes.get("pretrained", saved.pretrained)
+        changes |= {"arch": arch, "recipe": recipe,
+                    "model": transfer.model_args(arch, model or saved.model, pretrained)}
     return RunConfig(**{**saved.__dict__, **changes})
 
 
@@ -251,14 +266,17 @@ def print_list() -> None:
 
 
 def print_dry_run(planned: list[PlannedRun]) -> None:
+    from experiments.transfer import input_shape
+
     for run in planned:
         cfg, info = run.config, run.info
+        side = input_shape(cfg.recipe, (IMAGE_SIDE, IMAGE_SIDE))[0]
         print(yaml.safe_dump(cfg.to_dict() | {"recipe_hash": cfg.recipe.hash()}, sort_keys=False))
         given = "timm's own defaults, updated by" if cfg.arch.startswith(TIMM_PREFIX) else "defaults and"
         arguments = yaml.safe_dump(run.hparams, default_flow_style=True, sort_keys=False).strip()
         print(f"# {cfg.arch} is built with ({given} the given arguments): {arguments}")
-        print(f"# {cfg.arch}: {info['params']:,} trainable params, {info['flops']:,} FLOPs/image "
-              f"({info['flops'] / 1e9:.3f} GFLOPs; 1 MAC = 2 FLOPs)\n")
+        print(f"# {cfg.arch}: {info['params']:,} trainable params, {info['flops']:,} FLOPs per {side}x{side} "
+              f"image ({info['flops'] / 1e9:.3f} GFLOPs; 1 MAC = 2 FLOPs)\n")
 
 
 def resume(args: argparse.Namespace) -> None:

@@ -24,9 +24,13 @@ import numpy as np
 import torch
 
 from experiments.errors import UserError
-from experiments.names import DEFAULT_TRACKING_URI, PARENT_RUN_ID
+from experiments.names import DEFAULT_TRACKING_URI, IMPORTED_FROM_RUN_ID, PARENT_RUN_ID
 
 MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's system-metrics monitor: not exported
+# mlflow.* tags naming what does not travel with an exported run: its logged model, its parent run.
+UNPORTABLE_TAGS = ("mlflow.log-model.history", "mlflow.loggedArtifacts", "mlflow.loggedImages", PARENT_RUN_ID)
 SEARCH_PAGE = 1000  # runs per MLflow search request
 
 
@@ -376,3 +380,52 @@ class TrackingStore:
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure, saved tight (no clipped labels)."""
         self._client.log_figure(run_id, figure, artifact_file, save_kwargs={"bbox_inches": "tight"})
+
+    def delete_run(self, run_id: str) -> None:
+        self._client.delete_run(run_id)
+
+    def export_run(self, run_id: str) -> dict[str, Any]:
+        """The run as plain, JSON-ready data in a stable order: its id, name, experiment, status, start and end
+        time (ms), params, tags (less UNPORTABLE_TAGS) and every metric's history (less system metrics) as
+        {"step", "timestamp", "value"} points sorted by step and time. Artifacts, the logged model and the
+        dataset inputs are left out."""
+        run = self._client.get_run(run_id)
+        info = run.info
+        metrics = {}
+        for key in sorted(k for k in run.data.metrics if not k.startswith(SYSTEM_METRICS_PREFIX)):
+            points = self._client.get_metric_history(run_id, key)
+            # repr(value): a tie-break that orders NaN too
+            points = sorted(points, key=lambda m: (m.step, m.timestamp, repr(m.value)))
+            metrics[key] = [{"step": m.step, "timestamp": m.timestamp, "value": m.value} for m in points]
+        return {"run_id": info.run_id, "run_name": info.run_name, "status": info.status,
+                "experiment": self._client.get_experiment(info.experiment_id).name,
+                "start_time": info.start_time, "end_time": info.end_time,
+                "params": dict(sorted(run.data.params.items())),
+                "tags": {k: v for k, v in sorted(run.data.tags.items()) if k not in UNPORTABLE_TAGS},
+                "metrics": metrics}
+
+    def import_run(self, record: dict[str, Any]) -> str:
+        """A new run in this experiment from export_run's ``record``: its params, tags, metric histories (original
+        steps and timestamps), start and end time and status, tagged IMPORTED_FROM_RUN_ID with the original's id;
+        returns the new run's id. If logging fails, the partial run is deleted."""
+        from mlflow.entities import Metric, Param
+
+        tags = {k: v for k, v in record["tags"].items() if k not in UNPORTABLE_TAGS}
+        run_id = self._client.create_run(self.experiment_id, start_time=record["start_time"],
+                                         tags=tags | {IMPORTED_FROM_RUN_ID: record["run_id"]},
+                                         run_name=record["run_name"]).info.run_id
+        try:
+            metrics = [Metric(key, point["value"], point["timestamp"], point["step"])
+                       for key, points in record["metrics"].items() for point in points]
+            for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
+                self._client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_CALL])
+            # Params last: searches for a cell's runs select on params, so the run stays unseen until it is whole.
+            params = [Param(k, v) for k, v in record["params"].items()]
+            for i in range(0, len(params), MAX_PARAMS_PER_CALL):
+                self._client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_CALL])
+            self._client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that matters is the one above; a leftover is harmless
+                self.delete_run(run_id)
+            raise
+        return run_id

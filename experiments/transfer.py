@@ -3,7 +3,8 @@
 fit() calls four things here: ``pin_weights`` (the weights' sha256, checked against a resumed run's),
 ``few_shot_splits`` (``--shots K``), ``resolve_recipe`` (BiT-HyperRule: schedule, MixUp and resolution from the
 training set) and ``load_pretrained`` (into the freshly built model, head zeroed). ``input_stats`` gives the
-normalisation the weights were trained with and ``run_params`` what MLflow records.
+normalisation the weights were trained with and ``run_params`` what MLflow records. ``input_shape`` is the
+resolution params/FLOPs are counted at, ``resolve_like`` lets ``--resume`` name a HyperRule recipe again.
 
 BiT-HyperRule as released in google-research/big_transfer ``bit_hyperrule.py`` (checked against the paper,
 section 3.3; where they differ the released code is followed and the difference said here):
@@ -40,6 +41,8 @@ SUPPORTS = {"small": (100, 200, 300, 400, 500), "medium": (500, 3000, 6000, 9000
 MIXUP_ALPHA = 0.1
 SMALL_AREA = 96 * 96
 SMALL_RESOLUTION, LARGE_RESOLUTION = (160, 128), (512, 480)  # (precrop, crop)
+# What resolve_recipe sets from the data (and resolve_like copies from a resumed run's recipe).
+HYPERRULE_FIELDS = ("max_steps", "epoch_steps", "schedule", "mixup_alpha", "resize")
 EVALUATIONS = 10  # evaluations (epochs) per HyperRule run: an epoch is a tenth of the schedule
 BIT_MEAN = BIT_STD = (0.5, 0.5, 0.5)  # BiT's inputs are in [-1, 1]
 TIMM = "timm"  # --pretrained timm: timm's own weights for a timm: model
@@ -81,6 +84,25 @@ def resolve_recipe(recipe: Recipe, train_size: int, image_shape: tuple[int, int]
     precrop, crop = hyperrule_resolution(*image_shape)
     return dataclasses.replace(recipe, max_steps=total, epoch_steps=total // EVALUATIONS, schedule=schedule,
                                mixup_alpha=hyperrule_mixup(train_size), resize=ResizeConfig(precrop, crop))
+
+
+def resolve_like(recipe: Recipe, saved: Recipe) -> Recipe:
+    """``recipe`` resolved as a resumed run's ``saved`` (resolved) recipe was: the fields the HyperRule sets from
+    the data copied from it. Before the data is loaded this equals resolving with the run's training set, so
+    ``--resume --recipe bit-hyperrule`` names the same recipe; any other difference still shows in the hash."""
+    if not (recipe.hyperrule and saved.hyperrule):
+        return recipe
+    return dataclasses.replace(recipe, **{name: getattr(saved, name) for name in HYPERRULE_FIELDS})
+
+
+def input_shape(recipe: Recipe, image_shape: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) the model sees under ``recipe`` for images of ``image_shape``: the HyperRule's crop
+    (known before the data: it depends on the image size only), a recipe's resize crop, or the images' own."""
+    if recipe.hyperrule:
+        crop = hyperrule_resolution(*image_shape)[1]
+        return crop, crop
+    crop = recipe.resize.crop
+    return (crop, crop) if crop else (int(image_shape[0]), int(image_shape[1]))
 
 
 # ----------------------------------------------------------------------------------------------

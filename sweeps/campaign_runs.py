@@ -37,7 +37,11 @@ def experiment_runs(c: Campaign, store: TrackingStore) -> list[Any]:
 
 def is_cell_run(cell: Cell, run: Any, digest: str | None) -> bool:
     """``run`` trained ``cell``'s model on its dataset and seed (and, with ``digest``, on that data)."""
-    params = run.data.params
+    return is_cell_params(cell, run.data.params, digest)
+
+
+def is_cell_params(cell: Cell, params: dict[str, str], digest: str | None) -> bool:
+    """A run with these MLflow ``params`` trained ``cell`` (on data ``digest``, unless None)."""
     model = {k: v for k, v in params.items() if k.startswith(names.MODEL_PARAM_PREFIX)}
     return (params.get(names.ARCH) == cell.arch and params.get(names.DATASET) == cell.dataset
             and params.get(names.SEED) == str(cell.seed) and model == cell.model_params()
@@ -111,12 +115,27 @@ def _epochs_logged(store: TrackingStore, run_id: str) -> int:
     return len(store.metric_history(run_id, names.EPOCH_SECONDS))
 
 
-def throughput(rows: list[Row], cell: Cell) -> float | None:
-    """Measured img/s of the finished or running cells of ``cell``'s architecture, else of any cell."""
+def throughput(rows: list[Row], cell: Cell, flops: dict[str, float]) -> float | None:
+    """Measured img/s of the finished or running cells of ``cell``'s architecture; else the FLOP rate the other
+    cells measured, at ``cell``'s forward FLOPs per image (``flops``: per cell label; a model with twice the
+    FLOPs trains at about half the img/s); None before any cell has a measured speed."""
     measured = [r for r in rows if r.img_s and r.state.state in (DONE, RUNNING)]
     same = [r.img_s for r in measured if r.cell.label == cell.label]
-    values = same or [r.img_s for r in measured]
-    return statistics.fmean(values) if values else None
+    if same:
+        return statistics.fmean(same)
+    rates = [r.img_s * flops[r.cell.label] for r in measured]
+    return statistics.fmean(rates) / flops[cell.label] if rates else None
+
+
+def forward_flops(c: Campaign) -> dict[str, float]:
+    """Forward FLOPs per image of each cell's model at the resolution the recipe trains on, counted on meta."""
+    import zoo
+    from experiments.config import NUM_CLASSES
+    from experiments.transfer import input_shape
+
+    height, width = input_shape(c.recipe, (32, 32))
+    return {cell.label: float(zoo.variant_info(cell.arch, NUM_CLASSES[cell.dataset], (3, height, width),
+                                               **cell.model)["flops"]) for cell in c.cells}
 
 
 def duration(seconds: float | None) -> str:
@@ -151,20 +170,33 @@ def status_text(c: Campaign, store: TrackingStore) -> str:
     title = (f"campaign {c.name}: experiment {c.experiment!r} in {c.tracking_uri}, recipe {c.recipe.name} "
              f"({c.recipe.hash()}), {len(rows)} cells")
     lines = [title, f"{'cell':<{width}}  {'state':<8} detail"]
-    left, unknown = 0.0, 0
+    left: list[float | None] = []  # seconds per cell not done; None: no measured throughput to estimate it
+    flops = forward_flops(c)
     for row in rows:
-        speed, images = throughput(rows, row.cell), row.images_left()
+        speed, images = throughput(rows, row.cell, flops), row.images_left()
         seconds = images / speed if speed and images is not None else None
         if row.state.state != DONE:
-            left, unknown = (left + seconds, unknown) if seconds is not None else (left, unknown + 1)
+            left.append(seconds)
         lines.append(f"{row.cell.key:<{width}}  {row.state.state:<8} {_detail(row, seconds)}")
     counts = {state: sum(r.state.state == state for r in rows) for state in (DONE, RUNNING, RESUME, FAILED, PENDING)}
     lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
-    running = counts[RUNNING]
-    estimate = f"time left: {duration(left)} of training at the measured speeds on one worker"
-    if running > 1:
-        estimate += f", about {duration(left / running)} with the {running} cells running now in parallel"
-    if unknown:
-        estimate += f" (plus {unknown} cell{'s' if unknown > 1 else ''} with no measured throughput yet)"
-    lines.append(estimate if counts[DONE] < len(rows) else "time left: none, every cell is done")
+    lines.append(time_left_line(left, counts[RUNNING]))
     return "\n".join(lines)
+
+
+def time_left_line(left: list[float | None], running: int) -> str:
+    """The campaign's time left from each unfinished cell's estimate (None: not measurable yet)."""
+    if not left:
+        return "time left: none, every cell is done"
+    known = [s for s in left if s is not None]
+    unknown = len(left) - len(known)
+    cells = f"{unknown} cell{'s' if unknown != 1 else ''}"
+    if not known:  # 0 s would read as "almost done"
+        return f"time left: unknown until a cell has trained ({cells} pending)"
+    total = sum(known)
+    line = f"time left: {duration(total)} of training at the measured speeds on one worker"
+    if running > 1:
+        line += f", about {duration(total / running)} with the {running} cells running now in parallel"
+    if unknown:
+        line += f" (plus {cells} with no measured throughput yet)"
+    return line

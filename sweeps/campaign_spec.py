@@ -100,6 +100,7 @@ class Settings:
     heartbeat: int  # seconds, PostgreSQL only
     workers: int
     gpus: tuple[str, ...]  # one worker per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES)
+    verbose: bool = False  # MLflow's own INFO messages shown (every process)
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:

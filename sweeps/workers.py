@@ -43,13 +43,14 @@ def worker_process(s: SweepSettings) -> None:
 
 
 def run_worker_processes(count: int, target: Callable[..., None], *args: Any,
-                         envs: Sequence[dict[str, str]] | None = None) -> list[int]:
+                         envs: Sequence[dict[str, str]] | None = None, verbose: bool = False) -> list[int]:
     """Run ``target(*args)`` in ``count`` processes, each with its share of the cores (and ``envs[i]`` added to
     worker i's environment, e.g. its own CUDA_VISIBLE_DEVICES), and wait for them; returns their exit codes
-    (2: bad input, already printed; 128 + N: interrupted by signal N)."""
+    (2: bad input, already printed; 128 + N: interrupted by signal N). ``verbose``: the workers show MLflow's
+    own INFO messages."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited CUDA state or locks
     threads = max(1, (os.cpu_count() or 1) // count)  # no oversubscription of the cores
-    procs = [ctx.Process(target=_process_main, args=(target, threads, envs[i] if envs else {}, *args),
+    procs = [ctx.Process(target=_process_main, args=(target, threads, envs[i] if envs else {}, verbose, *args),
                          name=f"sweep-worker-{i}") for i in range(count)]
     for p in procs:
         p.start()
@@ -63,10 +64,10 @@ def run_worker_processes(count: int, target: Callable[..., None], *args: Any,
     return [p.exitcode for p in procs]
 
 
-def _process_main(target: Callable[..., None], threads: int, env: dict[str, str], *args: Any) -> None:
+def _process_main(target: Callable[..., None], threads: int, env: dict[str, str], verbose: bool, *args: Any) -> None:
     os.environ.update(env)  # before anything initialises CUDA, which reads CUDA_VISIBLE_DEVICES once
     torch.set_num_threads(threads)
-    mlflow_logging(verbose=False)  # a spawned interpreter starts with MLflow's INFO chatter on
+    mlflow_logging(verbose)  # a spawned interpreter starts with MLflow's INFO chatter on
     sys.exit(exit_code(partial(_call_quietly_interrupted, target, *args)))
 
 

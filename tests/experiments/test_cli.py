@@ -19,6 +19,7 @@ from experiments.errors import UserError
 from experiments.run import build_parser, main, resume_config
 from experiments.tracking import mlflow_logging
 from experiments.zoo_names import CACHE_FOLDER, registered_names, zoo_source_hash
+from sweeps.study import SweepStorage
 from tests.helpers import REPO
 
 
@@ -228,6 +229,9 @@ def test_a_run_leaves_a_fresh_clone_clean(tmp_path, tiny_image_folder_archive) -
                           cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (clone / "mlflow.db").is_file() and (clone / "mlflow.db.lock").is_file()
+    # A sweep's or campaign's default journal and the lock its workers take beside it, made by the code itself.
+    SweepStorage(spec=str(clone / "optuna.journal"), optuna=None, postgres=False, stale_callback=None).lock("s").acquire()
+    (clone / "optuna.journal").touch()
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
                             capture_output=True, text=True, check=True).stdout
     assert status == ""

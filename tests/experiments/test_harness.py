@@ -531,7 +531,7 @@ def test_estimate_and_quickstart_lines():
     assert monitor.estimate_line(resumed, 65, 9.4) == ("estimated 1m 05s for the remaining 1 epoch (train + eval) "
                                                   "on this machine at 9 img/s")
     assert monitor.eval_batches_left(1, 10, 3, per_eval=30) == 4 * 30  # epochs 3, 6, 9 and the last
-    assert monitor.quickstart_line("my data", "cifar100").endswith(
+    assert monitor.quickstart_line("my data", "cifar100", 1e14, 1e11).endswith(
         "python experiments/run.py --arch resnet20 --recipe quickstart --dataset cifar100 --data-dir 'my data'")
 
 

@@ -25,9 +25,10 @@ from experiments import names, transfer
 from experiments.config import RunConfig, apply_overrides, load_recipe
 from experiments.data import ArrayDataset, DatasetBundle, mixup_batch, resize_batch, sample_mixup
 from experiments.errors import DataError, Interrupted, UserError
+from experiments import fit as fit_module
 from experiments.fit import FitOptions, build_model, fit, make_batches, make_plan
-from experiments.resume import saved_config
-from experiments.run import main
+from experiments.resume import Checkpoint, Progress, check_compatible, saved_config
+from experiments.run import build_parser, main, plan_run, resume_config
 from experiments.runtime import DistEnv
 from experiments.tracking import MlflowTracker
 from experiments.trainer import Splits, lr_factor
@@ -156,6 +157,7 @@ def test_hyperrule_schedule_mixup_and_resolution_at_the_boundaries(train_size, s
     lrs = [0.003 * lr_factor(recipe.schedule, s, steps) for s in range(steps)]
     assert lrs == pytest.approx([_released_get_lr(s, train_size) for s in range(steps)], rel=1e-12, abs=0)
     assert transfer.resolve_recipe(recipe, train_size, (32, 32)) == recipe  # a resumed run's recipe stays
+    assert transfer.resolve_like(load_recipe("bit-hyperrule"), recipe) == recipe  # and named again, too
 
 
 def test_hyperrule_resolution_rule_and_recipe_hashes():
@@ -166,6 +168,37 @@ def test_hyperrule_resolution_rule_and_recipe_hashes():
     hyper = load_recipe("bit-hyperrule")
     assert "mixup_alpha" not in plain.content() and plain.hash() == "17faf2663e80"  # earlier hashes unchanged
     assert transfer.resolve_recipe(hyper, 50, (32, 32)).hash() != transfer.resolve_recipe(hyper, 45_000, (32, 32)).hash()
+
+
+class _Planned(Exception):
+    """Stops fit() once the compile rule has been asked."""
+
+
+def test_a_hyperrule_run_counts_its_flops_at_128x128(tmp_path, monkeypatch):
+    """Params/FLOPs (dry run, the logged metric, the compile rule's estimate) at the resolution the run trains at:
+    the HyperRule's 128x128 crop, not the 32x32 images."""
+    def flops_at(side: int) -> int:
+        return zoo.model_info(zoo.create_model("bit_r50x1", num_classes=CLASSES, **NARROW), (3, side, side))["flops"]
+
+    at_128 = flops_at(128)
+    assert at_128 > 10 * flops_at(32)
+    cfg = _cfg(tmp_path, apply_overrides(load_recipe("bit-hyperrule"), {"val_size": 50}))
+    assert plan_run(cfg).info["flops"] == at_128
+    assert build_model(cfg, CLASSES)[1]["flops"] == at_128
+    plain = replace(cfg, recipe=load_recipe("standard"))
+    assert plan_run(plain).info["flops"] == build_model(plain, CLASSES)[1]["flops"] == flops_at(32)
+
+    asked = []
+
+    def speed_settings(*args, **kwargs):
+        asked.append(args[-1])
+        raise _Planned
+
+    monkeypatch.setattr(fit_module, "speed_settings", speed_settings)
+    with pytest.raises(_Planned):
+        fit(cfg, options=QUIET, data=DOWNSTREAM)
+    # 250 training images: the HyperRule's 500 steps of 512 images, forward + backward ~ 3 forwards
+    assert asked == [fit_module.TRAIN_FLOPS_PER_FORWARD * at_128 * 500 * 512]
 
 
 # --- (4) --shots ----------------------------------------------------------------------------------------
@@ -237,6 +270,50 @@ def test_resume_of_a_finetuning_run_is_exact_and_refuses_other_weights(weights, 
     assert all(torch.equal(final[k], ref[k]) for k in ref)
 
 
+def _hyperrule_checkpoint(tmp_path: Path) -> tuple[RunConfig, dict]:
+    """A 5-shot HyperRule run's checkpoint as fit() writes it (the recipe resolved from 50 images), no weights:
+    what resume_config and the recipe check read."""
+    saved = _cfg(tmp_path, transfer.resolve_recipe(load_recipe("bit-hyperrule"), 50, (32, 32)),
+                 pretrained="BiT-M-R50x1.npz", shots=5)
+    ckpt = Checkpoint("0123abcd", saved.arch, saved.recipe.hash(), saved.to_dict(), {}, {}, {}, {}, Progress())
+    return saved, ckpt.to_dict()
+
+
+@pytest.mark.parametrize("argv,refused", [
+    ([], None),
+    (["--recipe", "bit-hyperrule"], None),  # the same recipe, named: resolved as the saved one was
+    (["--recipe", "bit-hyperrule", "--arch", "bit_r50x1:base_width=8"], None),  # keeps the ImageNet stem
+    (["--recipe", "bit-hyperrule", "--lr", "0.01"], r"recipe bit-hyperrule \(\w+\) != bit-hyperrule \(\w+\)"),
+    (["--recipe", "standard"], r"recipe bit-hyperrule \(\w+\) != standard \(\w+\)"),
+])
+def test_resume_accepts_the_hyperrule_recipe_named_again_and_refuses_another(tmp_path, argv, refused):
+    saved, ckpt = _hyperrule_checkpoint(tmp_path)
+    cfg = resume_config(build_parser().parse_args(["--resume", "0123abcd", *argv]), ckpt)
+    if refused is None:
+        assert check_compatible(Checkpoint.from_dict(ckpt), cfg, force=False) == []
+        assert replace(cfg, output_dir=saved.output_dir) == saved
+        return
+    with pytest.raises(UserError, match=f"refusing to resume run 0123abcd: {refused}") as e:
+        check_compatible(Checkpoint.from_dict(ckpt), cfg, force=False)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("recipe,message", [("standard", "refusing to resume run 0123abcd: recipe bit-hyperrule"),
+                                            ("bit-hyperrule", "--pretrained BiT-M-R50x1.npz: no such file")])
+def test_resume_with_a_named_recipe_from_the_command_line(tmp_path, monkeypatch, capsys, tiny_image_folder_archive,
+                                                         recipe, message):
+    """Through run.py: another recipe is refused before anything loads; the same one passes the recipe check
+    and the data and stops at the weights (absent here); one line and exit 2 either way."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CNN_ZOO_CACHE", str(tmp_path / "cache"))
+    _, ckpt = _hyperrule_checkpoint(tmp_path)
+    ckpt_io.save_atomic(ckpt, ckpt_io.run_dir(tmp_path, "0123abcd") / ckpt_io.LAST)
+    assert main(["--resume", "0123abcd", "--recipe", recipe, "--output-dir", str(tmp_path), "--no-progress",
+                 "--data-dir", str(tiny_image_folder_archive.parent)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
 # --- (6) one line and exit 2 --------------------------------------------------------------------------
 
 def _narrow_npz(path: Path, **kwargs) -> Path:
@@ -293,3 +370,73 @@ def test_timm_offline_without_a_cached_copy_says_where_timm_looks(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert str(cache) in lines[0] and "timm/resnetv2_50x1_bit.goog_in21k" in lines[0]
     assert "--pretrained PATH" in lines[0]
+
+
+# --- --pretrained timm: timm's own weights from the Hugging Face cache ------------------------------------
+
+TIMM_NAME = "resnet10t.c3_in1k"  # a small timm model (5.4M params) whose weights are on the hub: timm/<name>
+
+
+def _offline_hf_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty, offline Hugging Face cache. huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE once, when it
+    is imported (already done here, by timm), so its constants are set too; a new process reads the variables."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    for var, value in (("HF_HOME", str(cache.parent)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_pretrained_timm_loads_the_cached_weights_with_a_new_zero_head(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    cache = _offline_hf_cache(tmp_path, monkeypatch)
+    assert timm.models.get_pretrained_cfg(TIMM_NAME).hf_hub_id == f"timm/{TIMM_NAME}"
+    source = timm.create_model(TIMM_NAME, pretrained=False)  # ImageNet's 1000 classes, as on the hub
+    torch.nn.init.normal_(source.fc.weight)
+    revision = "3f2b9c1d" * 5  # the layout `hf download` leaves: refs/main names a snapshot
+    repo = cache / f"models--timm--{TIMM_NAME}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    file = repo / "snapshots" / revision / "model.safetensors"
+    file.parent.mkdir(parents=True)
+    save_file(source.state_dict(), file)
+
+    cfg = RunConfig(arch=f"timm:{TIMM_NAME}", recipe=load_recipe("bit-hyperrule"), pretrained="timm")
+    assert transfer.weights_path(cfg) == file
+    model, _ = build_model(cfg, num_classes=3)
+    loaded, saved = model.state_dict(), source.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items() if not k.startswith("fc."))
+    assert model.fc.weight.shape == (3, 512) and not model.fc.weight.any() and not model.fc.bias.any()
+    pinned, _ = transfer.pin_weights(cfg, force=False)
+    assert pinned.pretrained_sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert transfer.run_params(pinned)[names.PRETRAINED] == f"timm:{TIMM_NAME}/model.safetensors"
+    assert transfer.input_stats(cfg, DOWNSTREAM) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_pretrained_timm_without_a_cached_copy_is_one_line_saying_where_timm_looks(tmp_path, monkeypatch, capsys):
+    cache = _offline_hf_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--arch", f"timm:{TIMM_NAME}", "--pretrained", "timm", "--recipe", "bit-hyperrule", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"no copy of timm/{TIMM_NAME} in timm's Hugging Face cache {cache}" in err
+    assert f"hf download timm/{TIMM_NAME}" in err and "--pretrained PATH" in err
+
+
+@pytest.mark.parametrize("flags,named", [(["--epochs", "3"], "epochs, max_steps"),
+                                         (["--set", "max_steps=100"], "max_steps"),
+                                         (["--set", "mixup_alpha=0.2", "--set", "schedule.gamma=0.5"],
+                                          "mixup_alpha, schedule")])
+def test_an_override_the_hyperrule_would_replace_is_refused_not_ignored(capsys, flags, named):
+    assert main(["--arch", "bit_r50x1", "--recipe", "bit-hyperrule", *flags, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"recipe bit-hyperrule sets {named} from the training set" in err and len(err.splitlines()) == 1, err
+    # Switching the rule off hands every field to the user (fit() then resolves nothing).
+    assert main(["--arch", "bit_r50x1", "--recipe", "bit-hyperrule", *flags, "--set", "hyperrule=false",
+                 "--dry-run"]) == 0

@@ -4,6 +4,7 @@ once, the killed cell resumed to the metrics of an uninterrupted run, a rerun tr
 table and the report."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -23,10 +24,13 @@ from optuna.trial import TrialState
 from experiments import names
 from experiments.errors import UserError
 from sweeps.campaign import main
+from sweeps.campaign_runs import DONE, PENDING, RUNNING, CellState, Row, throughput, time_left_line
+from sweeps.campaign_spec import Cell
 from sweeps.campaign_spec import Settings, load_campaign
 from sweeps.campaign_study import open_campaign_study
 from sweeps.records import RUN_ATTR
 from sweeps.study import WORKER_ATTR, open_storage
+from sweeps.workers import run_worker_processes
 from tests.helpers import REPO, service_missing
 
 SCRIPT = REPO / "sweeps" / "campaign.py"
@@ -124,6 +128,64 @@ def test_changed_campaign_refuses_to_mix_with_an_unfinished_version(campaign: di
     with pytest.raises(UserError, match=r"cifar10 data changed \(sha256 aaaaaaaaaaaa, now bbbbbbbbbbbb\)"):
         open_campaign_study(settings(campaign["write"]()), {"cifar10": "b" * 64})
     open_campaign_study(settings(campaign["write"](seeds=[0, 1, 2], experiment="another")), digests)
+
+
+# ----------------------------------------------------------------------------------------------
+# status and MLflow's own messages
+# ----------------------------------------------------------------------------------------------
+
+def test_a_cell_without_its_own_speed_is_timed_at_the_measured_flop_rate() -> None:
+    def cell(label: str, seed: int = 0) -> Cell:
+        return Cell(arch=label, model={}, hparams={}, label=label, dataset="cifar10", seed=seed)
+
+    flops = {"resnet20": 4e7, "resnet56": 1.2e8, "resnet32": 7e7}
+    rows = [Row(cell("resnet20"), CellState(DONE), img_s=300.0),
+            Row(cell("resnet20", 1), CellState(RUNNING), img_s=200.0),
+            Row(cell("resnet56"), CellState(PENDING)), Row(cell("resnet32"), CellState(PENDING))]
+    assert throughput(rows, cell("resnet20", 2), flops) == pytest.approx(250.0)  # its own architecture's mean
+    assert throughput(rows, cell("resnet56"), flops) == pytest.approx(250.0 / 3)  # 3x the FLOPs: a third
+    rows[3] = Row(cell("resnet32"), CellState(RUNNING), img_s=140.0)  # a second architecture measured too
+    assert throughput(rows, cell("resnet56"), flops) == pytest.approx((300 * 4e7 + 200 * 4e7 + 140 * 7e7) / 3 / 1.2e8)
+    assert throughput(rows[2:3], cell("resnet56"), flops) is None  # nothing measured yet
+
+
+def test_time_left_says_unknown_until_a_cell_has_a_measured_speed() -> None:
+    assert time_left_line([], running=0) == "time left: none, every cell is done"
+    assert time_left_line([None] * 15, running=0) == "time left: unknown until a cell has trained (15 cells pending)"
+    assert time_left_line([None], running=1) == "time left: unknown until a cell has trained (1 cell pending)"
+    assert time_left_line([600.0, None], running=1) == ("time left: 10m of training at the measured speeds on one "
+                                                        "worker (plus 1 cell with no measured throughput yet)")
+    assert time_left_line([3600.0, 3600.0], running=2) == (
+        "time left: 2h00m of training at the measured speeds on one worker, about 1h00m with the 2 cells running "
+        "now in parallel")
+
+
+MLFLOW_CHATTER = "Creating initial MLflow database tables"
+
+
+def test_status_of_a_fresh_campaign_is_quiet_and_says_time_left_unknown(campaign: dict, capfd: pytest.CaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.setattr(logging.getLogger("mlflow"), "level", logging.INFO)  # as a fresh interpreter has it
+    assert main(["status", campaign["write"]()]) == 0
+    out, err = capfd.readouterr()
+    assert "time left: unknown until a cell has trained (4 cells pending)" in out, out
+    assert "4 pending" in out and MLFLOW_CHATTER not in out + err
+    verbose_store = campaign["write"]("verbose.yaml", tracking_uri=f"sqlite:///{campaign['tmp'] / 'verbose.db'}")
+    assert main(["status", verbose_store, "--verbose"]) == 0
+    assert MLFLOW_CHATTER in capfd.readouterr().err
+
+
+def _write_mlflow_level(path: str) -> None:
+    Path(path).write_text(logging.getLevelName(logging.getLogger("mlflow").getEffectiveLevel()))
+
+
+@pytest.mark.slow  # starts processes
+def test_worker_processes_show_mlflow_messages_only_when_verbose(tmp_path: Path) -> None:
+    for verbose, level in ((False, "WARNING"), (True, "INFO")):
+        out = tmp_path / f"level-{verbose}"
+        assert run_worker_processes(1, _write_mlflow_level, str(out), verbose=verbose) == [0]
+        assert out.read_text() == level
 
 
 # ----------------------------------------------------------------------------------------------
