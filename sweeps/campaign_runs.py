@@ -115,27 +115,16 @@ def _epochs_logged(store: TrackingStore, run_id: str) -> int:
     return len(store.metric_history(run_id, names.EPOCH_SECONDS))
 
 
-def throughput(rows: list[Row], cell: Cell, flops: dict[str, float]) -> float | None:
+def throughput(rows: list[Row], cell: Cell, flops: dict[str, int]) -> float | None:
     """Measured img/s of the finished or running cells of ``cell``'s architecture; else the FLOP rate the other
-    cells measured, at ``cell``'s forward FLOPs per image (``flops``: per cell label; a model with twice the
+    cells measured, at ``cell``'s forward FLOPs per image (``flops``: per cell key; a model with twice the
     FLOPs trains at about half the img/s); None before any cell has a measured speed."""
     measured = [r for r in rows if r.img_s and r.state.state in (DONE, RUNNING)]
     same = [r.img_s for r in measured if r.cell.label == cell.label]
     if same:
         return statistics.fmean(same)
-    rates = [r.img_s * flops[r.cell.label] for r in measured]
-    return statistics.fmean(rates) / flops[cell.label] if rates else None
-
-
-def forward_flops(c: Campaign) -> dict[str, float]:
-    """Forward FLOPs per image of each cell's model at the resolution the recipe trains on, counted on meta."""
-    import zoo
-    from experiments.config import NUM_CLASSES
-    from experiments.transfer import input_shape
-
-    height, width = input_shape(c.recipe, (32, 32))
-    return {cell.label: float(zoo.variant_info(cell.arch, NUM_CLASSES[cell.dataset], (3, height, width),
-                                               **cell.model)["flops"]) for cell in c.cells}
+    rates = [r.img_s * flops[r.cell.key] for r in measured]
+    return statistics.fmean(rates) / flops[cell.key] if rates else None
 
 
 def duration(seconds: float | None) -> str:
@@ -171,7 +160,7 @@ def status_text(c: Campaign, store: TrackingStore) -> str:
              f"({c.recipe.hash()}), {len(rows)} cells")
     lines = [title, f"{'cell':<{width}}  {'state':<8} detail"]
     left: list[float | None] = []  # seconds per cell not done; None: no measured throughput to estimate it
-    flops = forward_flops(c)
+    flops = {key: info["flops"] for key, info in c.info.items()}  # counted by load_campaign, at the training size
     for row in rows:
         speed, images = throughput(rows, row.cell, flops), row.images_left()
         seconds = images / speed if speed and images is not None else None

@@ -138,7 +138,8 @@ def test_a_cell_without_its_own_speed_is_timed_at_the_measured_flop_rate() -> No
     def cell(label: str, seed: int = 0) -> Cell:
         return Cell(arch=label, model={}, hparams={}, label=label, dataset="cifar10", seed=seed)
 
-    flops = {"resnet20": 4e7, "resnet56": 1.2e8, "resnet32": 7e7}
+    per_label = {"resnet20": 4e7, "resnet56": 1.2e8, "resnet32": 7e7}
+    flops = {cell(label, seed).key: n for label, n in per_label.items() for seed in range(3)}
     rows = [Row(cell("resnet20"), CellState(DONE), img_s=300.0),
             Row(cell("resnet20", 1), CellState(RUNNING), img_s=200.0),
             Row(cell("resnet56"), CellState(PENDING)), Row(cell("resnet32"), CellState(PENDING))]
