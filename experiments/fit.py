@@ -616,8 +616,7 @@ class Forecast:
         # Under torchrun a rank alone in a SyncBatchNorm forward would wait for the others: no preview there.
         if not (self.active and cfg.compile and cost is not None and plan.env.world == 1 and self.steps_left > 0):
             return
-        crop = cfg.recipe.resize.crop  # the loaders' crop, else the images' own size
-        height, width = (crop, crop) if crop else plan.bundle.train.images.shape[1:3]
+        height, width = transfer.input_shape(cfg.recipe, plan.bundle.train.images.shape[1:3])  # what the loaders give
         step, eval_batch, timed = eager_step_seconds(
             self.trainer, (cfg.recipe.batch_size, 3, height, width), cfg.recipe.eval_batch_size,
             plan.bundle.num_classes, plan.channels_last, self.PREVIEW_STEPS, self.PREVIEW_SECONDS)

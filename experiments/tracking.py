@@ -34,6 +34,11 @@ UNPORTABLE_TAGS = ("mlflow.log-model.history", "mlflow.loggedArtifacts", "mlflow
 SEARCH_PAGE = 1000  # runs per MLflow search request
 
 
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    """``items`` in consecutive slices of at most ``size``: MLflow's per-call limits."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def default_tracking_uri() -> str:
     return normalize_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
@@ -226,9 +231,8 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
 
-        items = [(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_CALL):
-            mlflow.log_params(dict(items[i:i + MAX_PARAMS_PER_CALL]))
+        for chunk in chunks([(k, str(v)) for k, v in params.items()], MAX_PARAMS_PER_CALL):
+            mlflow.log_params(dict(chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow
@@ -417,12 +421,11 @@ class TrackingStore:
         try:
             metrics = [Metric(key, point["value"], point["timestamp"], point["step"])
                        for key, points in record["metrics"].items() for point in points]
-            for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
-                self._client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_CALL])
+            for chunk in chunks(metrics, MAX_METRICS_PER_CALL):
+                self._client.log_batch(run_id, metrics=chunk)
             # Params last: searches for a cell's runs select on params, so the run stays unseen until it is whole.
-            params = [Param(k, v) for k, v in record["params"].items()]
-            for i in range(0, len(params), MAX_PARAMS_PER_CALL):
-                self._client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_CALL])
+            for chunk in chunks([Param(k, v) for k, v in record["params"].items()], MAX_PARAMS_PER_CALL):
+                self._client.log_batch(run_id, params=chunk)
             self._client.set_terminated(run_id, record["status"], end_time=record["end_time"])
         except BaseException:
             with contextlib.suppress(Exception):  # the error that matters is the one above; a leftover is harmless
