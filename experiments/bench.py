@@ -53,7 +53,7 @@ from experiments.config import NUM_CLASSES, Recipe, RunConfig, apply_overrides, 
 from experiments.data import ArrayDataset, DatasetBundle, load_dataset
 from experiments.errors import UserError
 from experiments.fit import Batches, Plan, build_model, build_trainer, make_batches, make_plan
-from experiments.runtime import DistEnv, cpu_heap_policy, native_cpu_bf16, release_freed_memory, resolve_device
+from experiments.runtime import DistEnv, cpu_heap_policy, native_bf16, release_freed_memory, resolve_device
 from experiments.tracking import device_name
 from experiments.trainer import StepMeter, Trainer, make_splits
 
@@ -87,11 +87,6 @@ def training_flops_per_image(forward_flops: int) -> int:
 def mfu(forward_flops: int, ips: float, peak_flops_per_second: float) -> float:
     """Model FLOP utilisation: useful training FLOPs per second over the measured matmul rate."""
     return training_flops_per_image(forward_flops) * ips / peak_flops_per_second
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bf16 runs in hardware here: CUDA, or a CPU with AVX-512 BF16 / AMX (as fit()'s default decides)."""
-    return device.type == "cuda" or native_cpu_bf16()
 
 
 def matmul_flops(n: int) -> int:
@@ -663,7 +658,7 @@ def make_setup(args: argparse.Namespace, device: torch.device) -> Setup:
                         f"left after the {args.eval_images} evaluation images")
     workers = args.workers if args.workers is not None else min(8, _cores())
     # Without native bf16 a 2048² bf16 matmul is emulated (a minute for one product) and no mode trains in bf16.
-    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if has_native_bf16(device) else [])
+    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if native_bf16(device) else [])
     peaks = {name: measure_matmul_peak(device, dtype) for name, dtype in dtypes}
     return Setup(bundle, recipe, device, args.steps, args.warmup, workers, args.seed, args.eval_images, peaks)
 

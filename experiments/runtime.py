@@ -52,6 +52,11 @@ def native_cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(f in flags for f in CPU_BF16_FLAGS)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs in hardware on ``device``: CUDA, or a CPU with AVX-512 BF16 / AMX."""
+    return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
+
+
 @dataclass(frozen=True)
 class CompileCost:
     """Measured cost and gain of torch.compile on one device type, and where the numbers come from."""
@@ -95,7 +100,7 @@ def speed_settings(device: torch.device, amp: bool | None, channels_last: bool |
     channels_last everywhere (it changes the memory layout, not the arithmetic), and torch.compile when the
     run is long enough to repay compiling. ``train_flops``: the training FLOPs the run has left on this process."""
     if amp is None:
-        amp = device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
+        amp = native_bf16(device)
     if channels_last is None:
         channels_last = True
     if compile is not None:

@@ -18,7 +18,7 @@ from experiments import bench
 from experiments.config import RunConfig, apply_overrides, load_recipe
 from experiments.data import ArrayDataset, DeviceLoader
 from experiments.fit import build_model, make_plan
-from experiments.runtime import DistEnv
+from experiments.runtime import DistEnv, native_bf16
 from tests.helpers import REPO
 
 
@@ -186,7 +186,7 @@ def test_cpu_run_end_to_end_writes_every_field(tmp_path: Path) -> None:
     assert meta["command"].startswith("python experiments/bench.py --arch resnet20")
     assert meta["epoch_sizes"] == {"train": 200, "val": 5000, "test": 5200}
     # bf16's rate only where bf16 runs in hardware (elsewhere one emulated product takes a minute)
-    expected = {"fp32", "bf16"} if bench.has_native_bf16(torch.device("cpu")) else {"fp32"}
+    expected = {"fp32", "bf16"} if native_bf16(torch.device("cpu")) else {"fp32"}
     assert {p["dtype"] for p in meta["peaks"].values()} == set(meta["peaks"]) == expected
     assert all(p["flops_per_second"] > 0 for p in meta["peaks"].values())
 
